@@ -1,0 +1,37 @@
+"""Fault injection for tests: DEEPEP_TUNE_INJECT="<kind>@<op>:<num_sms>,<nvl_chunk>,<nvl_buffer>[@rank]".
+kind is raise (host-side exception, like a DeepEP assert), abort (a device trap kills the process)
+or hang (a kernel that never finishes). Without @rank it fires on every rank."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .space import TuneConfig
+
+ENV = "DEEPEP_TUNE_INJECT"
+
+
+class InjectedError(RuntimeError):
+    pass
+
+
+def maybe_inject(op: str, cfg: TuneConfig, rank: int) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for item in spec.split(";"):
+        kind, _, rest = item.partition("@")
+        where, _, who = rest.partition("@")
+        target_op, _, nums = where.partition(":")
+        if target_op != op or tuple(int(x) for x in nums.split(",")) != (cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer):
+            continue
+        if who and int(who) != rank:
+            continue
+        if kind == "raise":
+            raise InjectedError(f"injected failure at {op} {cfg}")
+        if kind == "abort":
+            os.abort()
+        if kind == "hang":
+            while True:
+                time.sleep(3600)

@@ -1,0 +1,139 @@
+"""Supervisor behind run.sh: validate flags before any rank starts, launch the ranks with torchrun, and
+after a rank dies or hangs inside a measurement, relaunch with --resume so the sweep goes on (the
+resumed run records that config as failed). Bounded retries; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from .logio import LogError, log_path, new_run_id, newest_unfinished, read_log
+from .options import build_parser, gpu_error, options_error, options_from_args
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(HERE, "tune_singlenode.py")
+USAGE = "usage: ./run.sh [ranks: 2|4|8, default all GPUs] [quick|full] [tuner flags, see --help]"
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable torch.cuda means no GPU
+        return 0
+
+
+def _progress(path: str) -> int:
+    """Measurements recorded plus configs started and never finished (both are progress for a relaunch)."""
+    try:
+        log = read_log(path)
+    except (LogError, FileNotFoundError):
+        return -1
+    return len(log.measurements) + len(log.dangling)
+
+
+def _finished(path: str) -> bool:
+    try:
+        return read_log(path).finished
+    except (LogError, FileNotFoundError):
+        return False
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc_per_node", str(nproc), SCRIPT, *args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        build_parser().print_help()
+        return 0
+    ranks: int | None = None
+    if argv and argv[0].lstrip("-").isdigit():
+        ranks = int(argv.pop(0))
+    mode = argv.pop(0) if argv and not argv[0].startswith("-") else "quick"
+    try:
+        parsed = build_parser().parse_args(["--mode", mode, *argv])
+    except SystemExit as e:  # argparse already printed its one-line error
+        return 2 if e.code else 0
+    o = options_from_args(parsed)
+    if ranks is None:
+        ranks = _gpu_count() if o.backend == "deepep" else 2
+    err = options_error(o, ranks)
+    if not err and o.backend == "deepep":
+        err = gpu_error(o, ranks, _gpu_count())
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "3"))
+    args = ["--mode", mode, *argv]
+    if o.resume is None:
+        run_id = o.run_id or new_run_id()
+        path = log_path(o.out_dir, ranks, run_id)
+        if o.run_id is None:
+            args += ["--run-id", run_id]
+    else:
+        path = o.resume or newest_unfinished(o.out_dir, ranks) or ""
+    interrupted = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    child: subprocess.Popen | None = None
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    attempt, before = 0, -1
+    while True:
+        cmd = torchrun_cmd(ranks, args)
+        print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
+        child = subprocess.Popen(cmd)
+        rc = child.wait()
+        if rc == 0:
+            return 0
+        if interrupted:
+            print(f"[run] interrupted; measurements so far are in {path}. Continue with: "
+                  f"./run.sh {ranks} {mode} {' '.join(argv)} --resume {path}".replace("  ", " "), file=sys.stderr)
+            return 130
+        if _finished(path):
+            return rc
+        now = _progress(path)
+        if now <= before or now < 0:
+            print("error: the tuner failed outside a measurement (see the messages above); not relaunching",
+                  file=sys.stderr)
+            return rc or 1
+        attempt += 1
+        if attempt > retries:
+            print(f"error: gave up after {retries} relaunches; the log {path} keeps every measurement. "
+                  f"Continue with --resume {path}", file=sys.stderr)
+            return rc or 1
+        before = now
+        print(f"[run] a rank died or hung (exit {rc}); relaunching to resume {path} "
+              f"(attempt {attempt}/{retries})", file=sys.stderr, flush=True)
+        args = _without_option(args, "--resume") + ["--resume", path]
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = i + 1 < len(args) and not args[i + 1].startswith("--")
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

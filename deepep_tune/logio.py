@@ -1,0 +1,155 @@
+"""The measurement log: append-only JSON lines, one per event, flushed as written.
+
+Lines with an "op" key are measurements (one per measurement, nothing else has that key).
+Other lines carry an "event": header (first line), start (written before a measurement, so a rank
+that dies mid-measurement leaves a trace), resume, done."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .space import OPS, TuneConfig
+
+LOG_VERSION = 1
+
+
+class LogError(Exception):
+    """A log or landscape file that cannot be used; the message says what to do."""
+
+
+def log_path(out_dir: str, ep_size: int, run_id: str) -> str:
+    return os.path.join(out_dir, "logs", f"tune_ep{ep_size}_{run_id}.jsonl")
+
+
+def new_run_id() -> str:
+    t = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t)) + f"-{int(t * 1e6) % 1_000_000:06d}"
+
+
+class LogWriter:
+    def __init__(self, path: str, create: bool) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # O_EXCL: two runs in one out-dir never share a log.
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            raise LogError(f"{path} already exists (another run uses it); pick another --run-id") from None
+        self.f = os.fdopen(fd, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record, allow_nan=True) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def measurement_key(rec: dict[str, Any]) -> tuple[str, TuneConfig]:
+    return rec["op"], TuneConfig(int(rec["num_sms"]), int(rec["nvl_chunk"]), int(rec["nvl_buffer"]))
+
+
+@dataclass
+class LogContents:
+    path: str
+    header: dict[str, Any] | None
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    dangling: list[dict[str, Any]] = field(default_factory=list)  # started, never finished
+    finished: bool = False
+    truncated_line: int | None = None  # 1-based line number of a cut-off last line
+    resumes: int = 0
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from enumerate(f, 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LogError(f"cannot read {path}: {e}") from None
+
+
+def _is_measurement(rec: Any) -> bool:
+    return (isinstance(rec, dict) and rec.get("op") in OPS
+            and all(isinstance(rec.get(k), int) for k in ("num_sms", "nvl_chunk", "nvl_buffer")))
+
+
+def read_log(path: str) -> LogContents:
+    """Parse a log written by this tool. A cut-off last line is tolerated and reported."""
+    lines = list(_lines(path))
+    out = LogContents(path, None)
+    started: dict[int, dict[str, Any]] = {}
+    for n, line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not line.endswith("\n"):
+                out.truncated_line = n
+                break
+            raise LogError(f"{path}:{n} is not valid JSON; this is not a deepep-tune log") from None
+        if n == 1:
+            if not (isinstance(rec, dict) and rec.get("event") == "header"):
+                raise LogError(f"{path} does not start with a deepep-tune header; pass a log written by this tool")
+            out.header = rec
+            continue
+        if _is_measurement(rec):
+            out.measurements.append(rec)
+            started.pop(rec.get("seq", -1), None)
+        elif isinstance(rec, dict) and rec.get("event") == "start":
+            started[rec["seq"]] = rec
+        elif isinstance(rec, dict) and rec.get("event") == "resume":
+            out.resumes += 1
+            started.clear()  # the resume wrote a record for each dangling start
+        elif isinstance(rec, dict) and rec.get("event") == "done":
+            out.finished = True
+    if out.header is None:
+        raise LogError(f"{path} is empty; pass a log written by this tool")
+    out.dangling = list(started.values())
+    return out
+
+
+def newest_unfinished(out_dir: str, ep_size: int) -> str | None:
+    paths = sorted(glob.glob(os.path.join(out_dir, "logs", f"tune_ep{ep_size}_*.jsonl")), key=os.path.getmtime, reverse=True)
+    for p in paths:
+        try:
+            if not read_log(p).finished:
+                return p
+        except LogError:
+            continue
+    return None
+
+
+def read_landscape(path: str) -> list[dict[str, Any]]:
+    """Measurements for the replay backend: a log of this tool, or plain JSONL with one line per config
+    ({"op", "num_sms", "nvl_chunk", "nvl_buffer", "time_us"}). The first record per (op, config) wins."""
+    recs: list[dict[str, Any]] = []
+    first = next(iter(_lines(path)), None)
+    if first is None:
+        raise LogError(f"{path} is empty; pass a landscape or a log written by this tool")
+    is_log = '"header"' in first[1]
+    if is_log:
+        recs = read_log(path).measurements
+    else:
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise LogError(f"{path}:{n} is not valid JSON; a landscape has one JSON object per line") from None
+            if not _is_measurement(rec) or not isinstance(rec.get("time_us"), (int, float)):
+                raise LogError(f"{path}:{n} lacks op/num_sms/nvl_chunk/nvl_buffer/time_us; see README 'Replay'")
+            recs.append(rec)
+    seen: dict[tuple[str, TuneConfig], dict[str, Any]] = {}
+    for rec in recs:
+        seen.setdefault(measurement_key(rec), rec)
+    if not seen:
+        raise LogError(f"{path} holds no measurements")
+    return list(seen.values())

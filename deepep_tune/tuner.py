@@ -1,0 +1,338 @@
+"""One rank of a tuning run (launched by torchrun): set up, search, measure baselines, write outputs."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .backends.base import Backend
+from .logio import LogError, LogWriter, log_path, new_run_id, newest_unfinished, read_log
+from .measure import ContextLost, MeasureSettings, Measurer
+from .options import Options, build_parser, gpu_error, options_error, options_from_args
+from .render import summary
+from .results import Baseline, build_results, results_name, write_json_atomic
+from .search import STRATEGIES, pick, per_sms_table, refine
+from .space import (COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, align, build_space,
+                    combine_nvl_bytes, deepep_default, dispatch_nvl_bytes, mode_axes)
+from .workload import traffic
+
+EXIT_BAD_INPUT = 2
+EXIT_CONTEXT_LOST = 3
+EXIT_INTERRUPTED = 130
+REFERENCE_SMS_CAP = 32  # the reference backend has no SMs; sweep the grid of a small co-located GPU
+
+
+class UsageError(Exception):
+    pass
+
+
+def _say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _agree_error(err: str | None) -> str | None:
+    """All ranks learn whether any rank found an error (so they exit together, not hang)."""
+    errs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    return next((e for e in errs if e), None)
+
+
+def colocated_sms_cap(device_sms: int, ranks_per_gpu: int) -> int:
+    """Every co-located rank's kernel spins on its peers, so all ranks' blocks must be resident at once."""
+    return ((device_sms - 1) // ranks_per_gpu) // 2 * 2
+
+
+class Run:
+    def __init__(self, o: Options, rank: int, world: int, local_rank: int) -> None:
+        self.o, self.rank, self.world, self.local_rank = o, rank, world, local_rank
+        self.t0 = time.time()
+        self.log: LogWriter | None = None
+        self.backend: Backend | None = None
+
+    # setup ------------------------------------------------------------------------------------
+    def resume_state(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+        """(log path, prior measurements, dangling starts), decided on rank 0 and shared."""
+        o = self.o
+        state: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                state[0] = self._resume_state_rank0()
+            except (LogError, UsageError) as e:
+                state[0] = str(e)
+        dist.broadcast_object_list(state, src=0)
+        if isinstance(state[0], str):
+            raise UsageError(state[0])
+        del o
+        return state[0]
+
+    def _resume_state_rank0(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+        o = self.o
+        if o.resume is None:
+            return log_path(o.out_dir, self.world, o.run_id or new_run_id()), [], []
+        path = o.resume or newest_unfinished(o.out_dir, self.world)
+        if not path:
+            raise UsageError(f"--resume: no unfinished EP{self.world} run under {os.path.join(o.out_dir, 'logs')}; "
+                             "start a new run without --resume")
+        log = read_log(path)
+        h = log.header or {}
+        mine = {"ep_size": self.world, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict()}
+        theirs = {k: h.get(k) for k in mine}
+        diff = [k for k in mine if mine[k] != theirs[k]]
+        if diff:
+            raise UsageError(f"--resume {path}: this run's {', '.join(diff)} differ from the log's "
+                             f"({', '.join(f'{k}={theirs[k]}' for k in diff)}); rerun with the log's settings")
+        if log.finished:
+            raise UsageError(f"--resume {path}: that run already finished")
+        if log.truncated_line:
+            _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); ignoring it")
+        return path, log.measurements, log.dangling
+
+    def make_backend(self, space_for: "callable") -> tuple[Backend, Space, int, dict[str, Any]]:
+        o, info = self.o, {}
+        if o.backend == "replay":
+            from .backends.replay import ReplayBackend
+            b = ReplayBackend(o.replay, o.replay_noise, o.workload.seed)
+            return b, b.space().restrict(o.max_sms), 0, info
+        if o.backend == "reference":
+            from .backends.reference import ReferenceBackend
+            cap = min(o.max_sms or REFERENCE_SMS_CAP, REFERENCE_SMS_CAP)
+            space, pruned = space_for(cap)
+            return ReferenceBackend(o.workload, self.rank, self.world), space, pruned, info
+        from .backends.deepep import DeepEPBackend, local_device
+        err = gpu_error(o, self.world, torch.cuda.device_count())
+        if err:
+            raise UsageError(err)
+        ngpu = torch.cuda.device_count()
+        ranks_per_gpu = math.ceil(self.world / ngpu)
+        device_sms = torch.cuda.get_device_properties(local_device(self.local_rank)).multi_processor_count
+        cap = device_sms // 2 * 2 if ranks_per_gpu == 1 else colocated_sms_cap(device_sms, ranks_per_gpu)
+        if o.max_sms is not None:
+            cap = min(cap, o.max_sms)
+        space, pruned = space_for(cap)
+        extra = [c for c in self.baseline_configs(space) if c.num_sms <= cap]
+        nbytes = max([self.nvl_bytes(op, c) for op in OPS for c in space.configs(op)]
+                     + [self.nvl_bytes(op, c) for op in OPS for c in extra] + [0])
+        info = {"sms_cap": cap, "ranks_per_gpu": ranks_per_gpu}
+        b = DeepEPBackend(o.workload, self.rank, self.world, self.local_rank, dist.group.WORLD,
+                          align(nbytes), colocated=ranks_per_gpu > 1)
+        return b, space, pruned, info
+
+    def nvl_bytes(self, op: str, c: TuneConfig) -> int:
+        w = self.o.workload
+        if op == "dispatch":
+            return dispatch_nvl_bytes(c, self.world, w.hidden_bytes, w.num_topk, w.num_scales)
+        return combine_nvl_bytes(c, self.world, w.hidden, w.num_topk)
+
+    def baseline_configs(self, space: Space) -> list[TuneConfig]:
+        return [deepep_default(op, self.world, s) for op in OPS
+                for s in set(space.sms_values()) | {DEEPEP_DEFAULT_NUM_SMS}] + [TuneConfig(*COMMUNITY_CONFIG)]
+
+    # the run ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any] | None:
+        o = self.o
+        path, prior, dangling = self.resume_state()
+        limit = o.max_buffer_gb * 2**30
+
+        def space_for(cap: int) -> tuple[Space, int]:
+            return build_space(mode_axes(o.mode, cap), lambda op, c: self.nvl_bytes(op, c) <= limit)
+
+        err = None
+        try:
+            self.backend, space, pruned, info = self.make_backend(space_for)
+        except UsageError as e:
+            err = str(e)
+        except ImportError as e:
+            err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
+        err = _agree_error(err)
+        if err:
+            raise UsageError(err)
+        if not space.size():
+            raise UsageError("the search space is empty: raise --max-sms or --max-buffer-gb")
+        if self.rank == 0:
+            self.log = LogWriter(path, create=o.resume is None)
+            if o.resume is None:
+                self.log.write({"event": "header", "tool_version": __version__, "ep_size": self.world,
+                                "mode": o.mode, "backend": o.backend, "workload": o.workload.as_dict(),
+                                "options": {k: v for k, v in o.as_dict().items() if k != "workload"},
+                                "started": _now()})
+            else:
+                for d in dangling:
+                    m = d["measure"]
+                    self.log.write({"op": m["op"], "num_sms": m["num_sms"], "nvl_chunk": m["nvl_chunk"],
+                                    "nvl_buffer": m["nvl_buffer"], "time_us": None, "status": "crashed",
+                                    "error": "a rank died or hung during this measurement (device trap, abort or "
+                                             f"watchdog after {o.timeout_s} s)", "role": m.get("role"),
+                                    "seq": d["seq"], "t": time.time()})
+                self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior),
+                                "crashed": len(dangling)})
+                _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) "
+                        "recorded as failed")
+        for d in dangling:  # every rank knows the crashed configs: they are results too
+            m = d["measure"]
+            prior.append({"op": m["op"], "num_sms": m["num_sms"], "nvl_chunk": m["nvl_chunk"],
+                          "nvl_buffer": m["nvl_buffer"], "time_us": None, "status": "crashed", "seq": d["seq"]})
+        prior.sort(key=lambda r: r.get("seq", 0))
+        bar = self._progress(space)
+        healthy = getattr(self.backend, "healthy", None)
+        meas = Measurer(self.backend, MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s), self.rank, self.log,
+                        prior, on_record=bar, healthy=healthy)
+        STRATEGIES[o.mode](meas, space)
+        refine(meas, space, o.max_sms)
+        rows = per_sms_table(meas.observed(), space)
+        best = pick(rows, o.max_sms)
+        if best is None:
+            raise UsageError("every config failed; see the log for the errors")
+        baselines = self.measure_baselines(meas, best.num_sms, info.get("sms_cap"))
+        if bar is not None:
+            bar.close()
+        spread = self.spread(meas, best)
+        hw = {**self.backend.describe(), **info}
+        meta = {
+            "tool_version": __version__, "mode": o.mode, "backend": o.backend,
+            "hardware": hw, "colocated": bool(hw.get("colocated")),
+            "software": {"torch": torch.__version__, "python": platform.python_version(),
+                         "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
+            "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": _now(),
+            "wall_s": round(time.time() - self.t0, 2),
+            "num_measurements": len(meas.records), "num_measured_this_launch": len(meas.records) - meas.reused,
+            "resumed": o.resume is not None, "space": {"num_configs": space.size(), "sms_values": space.sms_values(),
+                                                       "pruned": pruned},
+            "log": path,
+        }
+        res = build_results(meta=meta, workload=o.workload, ep_size=self.world, best=best, rows=rows,
+                            baselines=baselines, traffic=traffic(o.workload, self.world), spread=spread)
+        if self.rank == 0:
+            out = os.path.join(o.out_dir, results_name(self.world, o.backend, bool(hw.get("colocated"))))
+            res["results_path"] = out
+            write_json_atomic(out, res)
+            self.log.write({"event": "done", "results": out, "t": time.time()})
+            print(summary(res), flush=True)
+        return res
+
+    def measure_baselines(self, meas: Measurer, best_sms: int, cap: int | None) -> list[Baseline]:
+        r = self.world
+        bases = [
+            Baseline("deepep_default", f"DeepEP's get_dispatch/combine_config for {r} ranks at the tuned num_sms",
+                     deepep_default("dispatch", r, best_sms), deepep_default("combine", r, best_sms)),
+            Baseline("deepep_default_20sms", f"DeepEP as shipped: Buffer.num_sms=20 and its {r}-rank table",
+                     deepep_default("dispatch", r), deepep_default("combine", r)),
+            Baseline("community_24_8_256", "Config(24, 8, 256) for both ops (upstream test and widely pasted)",
+                     TuneConfig(*COMMUNITY_CONFIG), TuneConfig(*COMMUNITY_CONFIG)),
+        ]
+        for b in bases:
+            if cap is not None and b.dispatch.num_sms > cap:
+                b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {cap}"
+                continue
+            if self.o.backend == "replay" and any((op, c) not in self.backend.times
+                                                   for op, c in (("dispatch", b.dispatch), ("combine", b.combine))):
+                b.skipped = "not in the replayed landscape"
+                continue
+            d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
+            b.dispatch_us = d if math.isfinite(d) else None
+            b.combine_us = c if math.isfinite(c) else None
+        return bases
+
+    def spread(self, meas: Measurer, best: Any) -> dict[str, Any]:
+        out = {}
+        for op, cfg in (("dispatch", best.dispatch), ("combine", best.combine)):
+            obs = [x for x in meas.observed()[(op, cfg)] if math.isfinite(x)]
+            out[op] = {"observations": len(obs), "spread_pct": round((max(obs) / min(obs) - 1) * 100, 2) if obs else None}
+        return out
+
+    def _progress(self, space: Space) -> Any:
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+        total = space.size() if self.o.mode == "full" else None
+        bar = tqdm(total=total, desc=f"[tune] EP{self.world} {self.o.mode}", unit="meas", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0)
+
+        def on_record(rec: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"{rec['op']} {rec['num_sms']},{rec['nvl_chunk']},{rec['nvl_buffer']} "
+                                f"{rec['time_us'] and round(rec['time_us'], 1)}", refresh=False)
+
+        on_record.close = bar.close  # type: ignore[attr-defined]
+        return on_record
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _install_signal_handlers(rank: int) -> None:
+    """SIGINT/SIGTERM raise KeyboardInterrupt in the main thread. If the main thread is blocked in a kernel or
+    a collective and cannot get there, a helper thread ends the process after a grace period; the log is
+    flushed per line, so nothing measured is lost."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+    def grace() -> None:
+        os.read(rfd, 1)
+        time.sleep(5.0)
+        _say(rank, "[tune] interrupted while blocked; exiting (resume with --resume)")
+        os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=grace, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    o = options_from_args(args)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    err = options_error(o, world)
+    if err:
+        _say(rank, f"error: {err}")
+        return EXIT_BAD_INPUT
+    _install_signal_handlers(rank)
+    dist.init_process_group("gloo")  # control plane only; DeepEP's Buffer needs just all_gather_object
+    run = Run(o, rank, world, local_rank)
+    code = 0
+    try:
+        run.run()
+    except UsageError as e:
+        _say(rank, f"error: {e}")
+        code = EXIT_BAD_INPUT
+    except ContextLost as e:
+        print(f"[tune] rank {rank}: {e}", file=sys.stderr, flush=True)
+        code = EXIT_CONTEXT_LOST
+    except KeyboardInterrupt as e:
+        _say(rank, f"[tune] interrupted ({e or 'SIGINT'}); measurements so far are in the log. "
+                   f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
+        code = EXIT_INTERRUPTED
+    finally:
+        try:
+            run.close()
+        except Exception as e:  # noqa: BLE001 - teardown must not hide the outcome
+            print(f"[tune] rank {rank}: cleanup failed: {e}", file=sys.stderr)
+    if code == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    return code
