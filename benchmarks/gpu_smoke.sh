@@ -9,7 +9,7 @@ for spec in "$@"; do
   ranks=${spec%%:*}; mode=${spec##*:}
   d=$out/ep${ranks}_${mode}
   echo "=== ./run.sh $ranks $mode --colocate --out-dir $d"
-  start=$(date +%s.%N)
+  start=$(date +%s%N)
   timeout 280 ./run.sh "$ranks" "$mode" --colocate --out-dir "$d" 2>&1 | grep -v -E '^W[0-9]{4}|\*\*\*\*' | tr '\r' '\n' | grep -v '^\[tune\] EP' 
-  echo "=== rc=${PIPESTATUS[0]} wall=$(echo "$(date +%s.%N) - $start" | bc) s"
+  echo "=== rc=${PIPESTATUS[0]} wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))"
 done

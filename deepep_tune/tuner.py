@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from .measure import ContextLost, MeasureSettings, Measurer
 from .options import Options, build_parser, gpu_error, options_error, options_from_args
 from .render import summary
 from .results import Baseline, build_results, results_name, write_json_atomic
-from .search import STRATEGIES, pick, per_sms_table, refine
+from .search import STRATEGIES, SmsRow, pick, per_sms_table, refine
 from .space import (COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, align, build_space,
                     combine_nvl_bytes, deepep_default, dispatch_nvl_bytes, mode_axes)
 from .workload import traffic
@@ -166,6 +166,7 @@ class Run:
                 self.log.write({"event": "header", "tool_version": __version__, "ep_size": self.world,
                                 "mode": o.mode, "backend": o.backend, "workload": o.workload.as_dict(),
                                 "options": {k: v for k, v in o.as_dict().items() if k != "workload"},
+                                "hardware": {**self.backend.describe(), **info},
                                 "started": _now()})
             else:
                 for d in dangling:
@@ -188,13 +189,8 @@ class Run:
         healthy = getattr(self.backend, "healthy", None)
         meas = Measurer(self.backend, MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s), self.rank, self.log,
                         prior, on_record=bar, healthy=healthy)
-        STRATEGIES[o.mode](meas, space)
-        refine(meas, space, o.max_sms)
-        rows = per_sms_table(meas.observed(), space)
-        best = pick(rows, o.max_sms)
-        if best is None:
-            raise UsageError("every config failed; see the log for the errors")
-        baselines = self.measure_baselines(meas, best.num_sms, info.get("sms_cap"))
+        best, rows, baselines = search_and_baselines(meas, space, o.mode, self.world, o.max_sms, info.get("sms_cap"),
+                                                     getattr(self.backend, "has", None))
         if bar is not None:
             bar.close()
         spread = self.spread(meas, best)
@@ -220,29 +216,6 @@ class Run:
             self.log.write({"event": "done", "results": out, "t": time.time()})
             print(summary(res), flush=True)
         return res
-
-    def measure_baselines(self, meas: Measurer, best_sms: int, cap: int | None) -> list[Baseline]:
-        r = self.world
-        bases = [
-            Baseline("deepep_default", f"DeepEP's get_dispatch/combine_config for {r} ranks at the tuned num_sms",
-                     deepep_default("dispatch", r, best_sms), deepep_default("combine", r, best_sms)),
-            Baseline("deepep_default_20sms", f"DeepEP as shipped: Buffer.num_sms=20 and its {r}-rank table",
-                     deepep_default("dispatch", r), deepep_default("combine", r)),
-            Baseline("community_24_8_256", "Config(24, 8, 256) for both ops (upstream test and widely pasted)",
-                     TuneConfig(*COMMUNITY_CONFIG), TuneConfig(*COMMUNITY_CONFIG)),
-        ]
-        for b in bases:
-            if cap is not None and b.dispatch.num_sms > cap:
-                b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {cap}"
-                continue
-            if self.o.backend == "replay" and any((op, c) not in self.backend.times
-                                                   for op, c in (("dispatch", b.dispatch), ("combine", b.combine))):
-                b.skipped = "not in the replayed landscape"
-                continue
-            d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
-            b.dispatch_us = d if math.isfinite(d) else None
-            b.combine_us = c if math.isfinite(c) else None
-        return bases
 
     def spread(self, meas: Measurer, best: Any) -> dict[str, Any]:
         out = {}
@@ -272,6 +245,42 @@ class Run:
             self.backend.close()
         if self.log is not None:
             self.log.close()
+
+def make_baselines(ep_size: int, best_sms: int) -> list[Baseline]:
+    r = ep_size
+    return [
+        Baseline("deepep_default", f"DeepEP's get_dispatch/combine_config for {r} ranks at the tuned num_sms",
+                 deepep_default("dispatch", r, best_sms), deepep_default("combine", r, best_sms)),
+        Baseline("deepep_default_20sms", f"DeepEP as shipped: Buffer.num_sms=20 and its {r}-rank table",
+                 deepep_default("dispatch", r), deepep_default("combine", r)),
+        Baseline("community_24_8_256", "Config(24, 8, 256) for both ops (upstream test and widely pasted)",
+                 TuneConfig(*COMMUNITY_CONFIG), TuneConfig(*COMMUNITY_CONFIG)),
+    ]
+
+
+def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, max_sms: int | None,
+                         sms_cap: int | None, has: Callable[[str, TuneConfig], bool] | None = None,
+                         ) -> tuple[SmsRow, list[SmsRow], list[Baseline]]:
+    """The search, the noise guard, the pick under the SM budget, then the baselines at the pick's num_sms.
+    `has` says whether a config can be measured at all (a replayed landscape may lack it)."""
+    STRATEGIES[mode](meas, space)
+    refine(meas, space, max_sms)
+    rows = per_sms_table(meas.observed(), space)
+    best = pick(rows, max_sms)
+    if best is None:
+        raise UsageError("every config failed; see the log for the errors")
+    bases = make_baselines(ep_size, best.num_sms)
+    for b in bases:
+        if sms_cap is not None and b.dispatch.num_sms > sms_cap:
+            b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {sms_cap}"
+            continue
+        if has is not None and not (has("dispatch", b.dispatch) and has("combine", b.combine)):
+            b.skipped = "not in the replayed landscape"
+            continue
+        d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
+        b.dispatch_us = d if math.isfinite(d) else None
+        b.combine_us = c if math.isfinite(c) else None
+    return best, rows, bases
 
 
 def _now() -> str:

@@ -28,6 +28,9 @@ class ReplayBackend(Backend):
     def space(self) -> Space:
         return space_from_points(self.times)
 
+    def has(self, op: str, cfg: TuneConfig) -> bool:
+        return (op, cfg) in self.times
+
     def measure(self, op: str, cfg: TuneConfig, warmup: int, iters: int) -> LocalResult:
         key = (op, cfg)
         if key not in self.times:
