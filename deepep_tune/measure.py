@@ -104,7 +104,7 @@ class Measurer:
             if not str(e):
                 error += " " + traceback.format_exc(limit=1)
         lost = status == "error" and self.healthy is not None and not self.healthy()
-        red = reduce_samples(samples, status != "ok")
+        red = reduce_samples(samples, status != "ok", iters)
         faulthandler.cancel_dump_traceback_later()
         if red.failed_ranks and dist.is_initialized():
             errors: list[Any] = [None] * dist.get_world_size()
@@ -115,7 +115,8 @@ class Measurer:
         rec = {
             "op": op, **cfg.as_dict(),
             "time_us": red.time_us if status == "ok" else None,
-            "median_us": _finite(red.median_us), "min_us": _finite(red.min_us), "max_us": _finite(red.max_us),
+            "median_us": _finite(red.time_us), "max_rank_median_us": _finite(red.max_rank_median_us),
+            "min_us": _finite(red.min_us), "max_us": _finite(red.max_us),
             "rank0_median_us": _finite(red.rank0_median_us),
             "iters": iters, "status": status, "error": error, "role": role, "seq": self.seq, "t": time.time(),
         }

@@ -76,80 +76,78 @@ def full_search(oracle: Oracle, space: Space) -> None:
                 oracle.time(op, cfg)
 
 
-def _pattern_search(oracle: Oracle, space: Space, op: str, num_sms: int, start: TuneConfig | None,
-                    chunk_step: int) -> TuneConfig | None:
-    """Compass search on the (nvl_chunk, nvl_buffer) index grid at one num_sms: move to the best improving
-    neighbour; when none improves, halve the chunk step; stop at step 1 with no improvement."""
+def _coordinate_search(oracle: Oracle, space: Space, op: str, num_sms: int, start: TuneConfig | None,
+                       rounds: int = 3) -> TuneConfig | None:
+    """Coordinate descent on (nvl_chunk, nvl_buffer) at one num_sms: scan every chunk at the current buffer,
+    then every buffer at the best chunk, until neither moves. Whole-axis scans, not neighbour steps: on the
+    recorded landscapes the chunk axis has isolated minima (e.g. chunk 2) that a local step misses."""
+    grid = set(space.grid(op, num_sms))
+    if not grid:
+        return None
+    cur = start if start in grid else (_probe_config(space, op, num_sms) if start is None else
+                                       min(grid, key=lambda c: (abs(c.nvl_chunk - start.nvl_chunk),
+                                                                abs(c.nvl_buffer - start.nvl_buffer), c)))
+    for _ in range(rounds):
+        before = cur
+        for axis in ("nvl_chunk", "nvl_buffer"):
+            line = [c for c in grid if all(getattr(c, a) == getattr(cur, a) for a in ("nvl_chunk", "nvl_buffer") if a != axis)]
+            cur = min(line, key=lambda c: (oracle.time(op, c), c))
+        if cur == before:
+            break
+    return cur if math.isfinite(oracle.time(op, cur)) else None
+
+
+def quick_search(oracle: Oracle, space: Space, finalists: int = 3) -> None:
+    """Coarse-to-fine, justified by benchmarks/search_benchmark.py on recorded landscapes:
+    (1) probe every num_sms at one config per op (time falls steeply with num_sms and then flattens,
+    while chunk and buffer move it by tens of percent at most, so a probe ranks num_sms well);
+    (2) at the `finalists` best num_sms, a coordinate descent over (nvl_chunk, nvl_buffer) per op;
+    (3) the neighbouring num_sms of the best finalist, warm-started from its optimum, while they
+    improve. Near-ties are then settled by refine()."""
+    sms = space.sms_values()
+    if not sms:
+        return
+    probe: dict[str, TuneConfig | None] = {op: None for op in OPS}
+    totals: dict[int, float] = {}
+    for s in sms:
+        total = 0.0
+        for op in OPS:
+            cfg = _probe_config(space, op, s)
+            total += oracle.time(op, cfg) if cfg else math.inf
+        totals[s] = total
+    ranked = sorted(sms, key=lambda s: (totals[s], s))
+    best_cfg: dict[tuple[str, int], TuneConfig | None] = {}
+
+    def inner(s: int, start: dict[str, TuneConfig | None]) -> float:
+        total = 0.0
+        for op in OPS:
+            st = start.get(op)
+            cfg = _coordinate_search(oracle, space, op, s, st and TuneConfig(s, st.nvl_chunk, st.nvl_buffer))
+            best_cfg[(op, s)] = cfg
+            total += oracle.time(op, cfg) if cfg else math.inf
+        return total
+
+    searched = {s: inner(s, probe) for s in ranked[:finalists]}
+    center = min(searched, key=lambda s: (searched[s], s))
+    for direction in (1, -1):
+        i = sms.index(center)
+        while 0 <= i + direction < len(sms):
+            s = sms[i + direction]
+            if s not in searched:
+                searched[s] = inner(s, {op: best_cfg.get((op, center)) for op in OPS})
+            if searched[s] >= searched[sms[i]]:
+                break
+            i += direction
+
+
+def _probe_config(space: Space, op: str, num_sms: int) -> TuneConfig | None:
+    """A mid-range chunk and buffer 256 (DeepEP's default buffer), or the nearest config present."""
     grid = space.grid(op, num_sms)
     if not grid:
         return None
     chunks = sorted({c.nvl_chunk for c in grid})
-    buffers = sorted({c.nvl_buffer for c in grid})
-    present = set(grid)
-
-    def nearest(values: list[int], v: int) -> int:
-        return min(range(len(values)), key=lambda i: (abs(values[i] - v), i))
-
-    if start is None:
-        start = TuneConfig(num_sms, chunks[len(chunks) // 3], 256)
-    ci, bi = nearest(chunks, start.nvl_chunk), nearest(buffers, start.nvl_buffer)
-    cur = TuneConfig(num_sms, chunks[ci], buffers[bi])
-    if cur not in present:
-        cur = min(present, key=lambda c: (abs(chunks.index(c.nvl_chunk) - ci) + abs(buffers.index(c.nvl_buffer) - bi), c))
-    best_t = oracle.time(op, cur)
-    step = max(1, min(chunk_step, len(chunks) // 2))
-    while True:
-        ci, bi = chunks.index(cur.nvl_chunk), buffers.index(cur.nvl_buffer)
-        moves = [(ci + step, bi), (ci - step, bi), (ci, bi + 1), (ci, bi - 1)]
-        cands = [TuneConfig(num_sms, chunks[a], buffers[b]) for a, b in moves
-                 if 0 <= a < len(chunks) and 0 <= b < len(buffers)]
-        scored = sorted((oracle.time(op, c), c) for c in cands if c in present)
-        if scored and scored[0][0] < best_t:
-            best_t, cur = scored[0]
-        elif step > 1:
-            step //= 2
-        else:
-            return cur if math.isfinite(best_t) else None
-
-
-def quick_search(oracle: Oracle, space: Space, anchors: int = 4) -> None:
-    """Coarse-to-fine. (1) Pattern-search both ops at a few num_sms anchors spread over the axis, each
-    warm-started from the previous anchor's optimum. (2) From the best anchor, walk the num_sms axis one
-    value at a time in whichever direction improves dispatch + combine, warm-started, until it stops
-    improving. Near-ties are settled afterwards by refine()."""
-    sms = space.sms_values()
-    if not sms:
-        return
-    n = min(anchors, len(sms))
-    idx = sorted({round(i * (len(sms) - 1) / max(1, n - 1)) for i in range(n)})
-    best_cfg: dict[tuple[str, int], TuneConfig | None] = {}
-    prev: dict[str, TuneConfig | None] = {op: None for op in OPS}
-    coarse = max(1, max(len({c.nvl_chunk for c in space.configs(op)}) for op in OPS) // 4)
-
-    def inner(s: int, step: int) -> float:
-        total = 0.0
-        for op in OPS:
-            start = prev[op] and TuneConfig(s, prev[op].nvl_chunk, prev[op].nvl_buffer)
-            cfg = _pattern_search(oracle, space, op, s, start, step)
-            best_cfg[(op, s)] = cfg
-            if cfg is None:
-                return math.inf
-            prev[op] = cfg
-            total += oracle.time(op, cfg)
-        return total
-
-    totals = {sms[i]: inner(sms[i], coarse) for i in idx}
-    center = min(totals, key=lambda s: (totals[s], s))
-    for direction in (1, -1):
-        i = sms.index(center)
-        prev = {op: best_cfg.get((op, center)) for op in OPS}
-        while 0 <= i + direction < len(sms):
-            s = sms[i + direction]
-            t = totals[s] if s in totals else inner(s, 2)
-            totals[s] = t
-            if t >= totals[sms[i]]:
-                break
-            i += direction
+    target = (chunks[len(chunks) // 3], 256)
+    return min(grid, key=lambda c: (abs(c.nvl_chunk - target[0]) / max(chunks), abs(c.nvl_buffer - target[1]) / 256, c))
 
 
 def refine(oracle: Oracle, space: Space, max_sms: int | None, tolerance: float = 0.03, rounds: int = 2,

@@ -43,7 +43,7 @@ class ReplayBackend(Backend):
             # Seeded by the point and its call count: identical on every rank, different per repeat.
             digest = hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}".encode()).digest()
             t *= 1.0 + self.noise * random.Random(digest).gauss(0.0, 1.0)
-        return LocalResult([t])
+        return LocalResult([t] * iters)  # one answer per measurement; the reduction expects `iters` samples
 
     def describe(self) -> dict[str, Any]:
         return {"device_name": f"replay of {self.path}", "colocated": False, "num_devices": 0, "device_sms": None,
