@@ -51,3 +51,50 @@ def torchtitan_turbo_text(dispatch: TuneConfig, combine: TuneConfig, nvl_bytes: 
 def sglang_config(dispatch: TuneConfig, combine: TuneConfig) -> dict[str, dict[str, int]]:
     """SGLang --deepep-config reads exactly these two objects: Config(**normal_dispatch) etc."""
     return {"normal_dispatch": dispatch.config_kwargs(), "normal_combine": combine.config_kwargs()}
+
+
+def nvl_size_hint(cfg: TuneConfig, hidden_bytes: int, num_ranks: int) -> int:
+    """deep_ep.Config.get_nvl_buffer_size_hint (csrc/config.hpp), an upper bound assuming top-k <= 128, for
+    an NVSHMEM build. Frameworks that size deep_ep.Buffer from get_dispatch/combine_config allocate this;
+    pass hidden_bytes = hidden * max(elem_size, 2) as DeepEP's README does."""
+    c, r, n = cfg.num_sms // 2, min(num_ranks, 8), cfg.nvl_buffer
+    total = c * r * (2 * 1 + 3) * 4 + c * r * n * hidden_bytes + c * r * n * 8 + c * r * n * 128 * (8 + 4 + 4)
+    return (total + 127) // 128 * 128
+
+
+VLLM_DEFAULT_BYTES = 1024 * 2**20  # VLLM_DEEPEP_BUFFER_SIZE_MB default
+
+
+def python_patch_text(dispatch: TuneConfig, combine: TuneConfig, ep_size: int) -> str:
+    for cfg in (dispatch, combine):
+        err = config_ctor_error(*cfg.config_kwargs().values())
+        if err:
+            raise ValueError(f"refusing to print a config DeepEP rejects: {err}")
+    d, c = tuple(dispatch.config_kwargs().values()), tuple(combine.config_kwargs().values())
+    return "\n".join([
+        "# For code that calls deep_ep.Buffer without config= (torchtitan v1-era, Megatron-Core, vLLM).",
+        "# Run before the first deep_ep.Buffer is created: buffer sizing calls these methods too.",
+        "import deep_ep",
+        "_deepep_default_dispatch = deep_ep.Buffer.get_dispatch_config",
+        "_deepep_default_combine = deep_ep.Buffer.get_combine_config",
+        f"deep_ep.Buffer.set_num_sms({dispatch.num_sms})",
+        "deep_ep.Buffer.get_dispatch_config = staticmethod(",
+        f"    lambda n: deep_ep.Config{d} if n == {ep_size} else _deepep_default_dispatch(n))",
+        "deep_ep.Buffer.get_combine_config = staticmethod(",
+        f"    lambda n: deep_ep.Config{c} if n == {ep_size} else _deepep_default_combine(n))",
+    ])
+
+
+def buffer_notes(required: int, hint: int, default_hint: int) -> list[str]:
+    """What each consumer allocates against what the tuned configs need (bytes per rank)."""
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    notes = [f"tuned configs need num_nvl_bytes >= {required} ({mib(required)}) per rank"]
+    notes.append(f"SGLang sizes its buffer from --deepep-config: fits ({mib(hint)} by get_nvl_buffer_size_hint)")
+    notes.append(f"Python patch: torchtitan v1 / Megatron size from the patched configs: fits ({mib(hint)})")
+    if required > VLLM_DEFAULT_BYTES:
+        notes.append(f"WARNING vLLM allocates VLLM_DEEPEP_BUFFER_SIZE_MB=1024 by default: set it to "
+                     f">= {-(-required // 2**20)}")
+    if required > default_hint:
+        notes.append(f"WARNING a Buffer sized for DeepEP's default configs ({mib(default_hint)}) is too small: "
+                     "allocate from the tuned configs (or apply the Python patch before creating it)")
+    return notes

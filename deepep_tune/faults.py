@@ -10,6 +10,18 @@ import time
 from .space import TuneConfig
 
 ENV = "DEEPEP_TUNE_INJECT"
+EXTRA_ENV = "DEEPEP_TUNE_EXTRA_CONFIGS"
+
+
+def extra_configs() -> list[tuple[str, TuneConfig]]:
+    """DEEPEP_TUNE_EXTRA_CONFIGS="dispatch:24,16,8;combine:32,8,8192": configs added to the space WITHOUT the
+    tuner's validation (and not counted when sizing the buffer), to show how DeepEP's own rejections are
+    recorded. For tests only."""
+    out = []
+    for item in filter(None, os.environ.get(EXTRA_ENV, "").split(";")):
+        op, _, nums = item.partition(":")
+        out.append((op, TuneConfig(*(int(x) for x in nums.split(",")))))
+    return out
 
 
 class InjectedError(RuntimeError):

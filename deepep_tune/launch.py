@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 from .logio import LogError, log_path, new_run_id, newest_unfinished, read_log
-from .options import build_parser, gpu_error, options_error, options_from_args
+from .models import list_models
+from .options import OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         parsed = build_parser().parse_args(["--mode", mode, *argv])
     except SystemExit as e:  # argparse already printed its one-line error
         return 2 if e.code else 0
-    o = options_from_args(parsed)
+    if parsed.list_models:
+        print(list_models())
+        return 0
+    try:
+        o = options_from_args(parsed)
+    except OptionsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if ranks is None:
         ranks = _gpu_count() if o.backend == "deepep" else 2
     err = options_error(o, ranks)
@@ -117,22 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         before = now
         print(f"[run] a rank died or hung (exit {rc}); relaunching to resume {path} "
               f"(attempt {attempt}/{retries})", file=sys.stderr, flush=True)
-        args = _without_option(args, "--resume") + ["--resume", path]
-
-
-def _without_option(args: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if a == name:
-            skip = i + 1 < len(args) and not args[i + 1].startswith("--")
-            continue
-        if a.startswith(name + "="):
-            continue
-        out.append(a)
-    return out
+        args = drop_options(args, ("--resume",)) + ["--resume", path]
 
 
 if __name__ == "__main__":

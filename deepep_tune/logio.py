@@ -128,7 +128,8 @@ def newest_unfinished(out_dir: str, ep_size: int) -> str | None:
 
 def read_landscape(path: str) -> list[dict[str, Any]]:
     """Measurements for the replay backend: a log of this tool, or plain JSONL with one line per config
-    ({"op", "num_sms", "nvl_chunk", "nvl_buffer", "time_us"}). The first record per (op, config) wins."""
+    ({"op", "num_sms", "nvl_chunk", "nvl_buffer", "time_us"}, optionally "num_tokens"). The first record per
+    (num_tokens, op, config) wins."""
     recs: list[dict[str, Any]] = []
     first = next(iter(_lines(path)), None)
     if first is None:
@@ -147,9 +148,9 @@ def read_landscape(path: str) -> list[dict[str, Any]]:
             if not _is_measurement(rec) or not isinstance(rec.get("time_us"), (int, float)):
                 raise LogError(f"{path}:{n} lacks op/num_sms/nvl_chunk/nvl_buffer/time_us; see README 'Replay'")
             recs.append(rec)
-    seen: dict[tuple[str, TuneConfig], dict[str, Any]] = {}
+    seen: dict[tuple[Any, str, TuneConfig], dict[str, Any]] = {}
     for rec in recs:
-        seen.setdefault(measurement_key(rec), rec)
+        seen.setdefault((rec.get("num_tokens"), *measurement_key(rec)), rec)
     if not seen:
         raise LogError(f"{path} holds no measurements")
     return list(seen.values())

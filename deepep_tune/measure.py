@@ -33,10 +33,22 @@ class MeasureSettings:
     timeout_s: float = 60.0
 
 
+@dataclass
+class Sequence:
+    """Numbers the measurements of a run (shared by the Measurers of several token counts)."""
+
+    last: int = 0
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last
+
+
 class Measurer:
     def __init__(self, backend: Backend, settings: MeasureSettings, rank: int, log: LogWriter | None,
                  prior: list[dict[str, Any]] | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
-                 healthy: Callable[[], bool] | None = None) -> None:
+                 healthy: Callable[[], bool] | None = None, tag: dict[str, Any] | None = None,
+                 seq: Sequence | None = None) -> None:
         self.backend, self.settings, self.rank, self.log = backend, settings, rank, log
         self.prior: dict[tuple[str, TuneConfig], list[dict[str, Any]]] = defaultdict(list)
         for rec in prior or []:
@@ -45,7 +57,8 @@ class Measurer:
         self.obs: dict[tuple[str, TuneConfig], list[float]] = defaultdict(list)
         self.records: list[dict[str, Any]] = []
         self.reused = 0
-        self.seq = max((r.get("seq", 0) for r in prior or []), default=0)
+        self.tag = tag or {}
+        self.seq = seq or Sequence(max((r.get("seq", 0) for r in prior or []), default=0))
         self.on_record = on_record
         self.healthy = healthy
 
@@ -87,8 +100,8 @@ class Measurer:
             self.log.write(rec)
 
     def _run(self, op: str, cfg: TuneConfig, role: str, iters: int) -> dict[str, Any]:
-        self.seq += 1
-        self._write({"event": "start", "seq": self.seq, "measure": {"op": op, **cfg.as_dict(), "role": role},
+        seq = self.seq.next()
+        self._write({"event": "start", "seq": seq, "measure": {"op": op, **cfg.as_dict(), "role": role, **self.tag},
                      "t": time.time()})
         # The watchdog runs in a C thread, so it fires even while a kernel or a collective holds the GIL.
         faulthandler.dump_traceback_later(self.settings.timeout_s, exit=True)
@@ -113,12 +126,12 @@ class Measurer:
             status = "error" if any(s == "error" for _, s, _ in failed) else "wrong"
             error = "; ".join(f"rank {r}: {e}" for r, _, e in failed)
         rec = {
-            "op": op, **cfg.as_dict(),
+            "op": op, **cfg.as_dict(), **self.tag,
             "time_us": red.time_us if status == "ok" else None,
             "median_us": _finite(red.time_us), "max_rank_median_us": _finite(red.max_rank_median_us),
             "min_us": _finite(red.min_us), "max_us": _finite(red.max_us),
             "rank0_median_us": _finite(red.rank0_median_us),
-            "iters": iters, "status": status, "error": error, "role": role, "seq": self.seq, "t": time.time(),
+            "iters": iters, "status": status, "error": error, "role": role, "seq": seq, "t": time.time(),
         }
         self._write(rec)
         if lost:

@@ -6,8 +6,9 @@ import argparse
 import importlib.util
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from .models import find_preset
 from .space import SUPPORTED_RANKS
 from .workload import Workload, workload_error
 
@@ -22,6 +23,9 @@ class Options:
     mode: str = "quick"
     backend: str = "deepep"
     workload: Workload = Workload()
+    """The workload; num_tokens is the first of token_counts."""
+    token_counts: tuple[int, ...] = (4096,)
+    model: str | None = None
     max_sms: int | None = None
     """Largest num_sms the answer may use (SMs spent on communication are taken from compute)."""
     colocate: bool = False
@@ -37,6 +41,11 @@ class Options:
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_buffer_gb: float = 4.0
     """Configs whose NVL buffer needs more than this (per rank) are not swept."""
+    sm_tolerance: float = 0.05
+    """Advice: the smallest num_sms whose dispatch + combine is within this fraction of the fastest."""
+    emit: bool = False
+    plot: bool = False
+    baseline_a2a: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,10 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="quick", help="quick (sparse search, minutes) or full (every config of the grid)")
     p.add_argument("--backend", default="deepep", help="deepep (real kernels), reference (CPU, gloo) or replay")
     w = Workload()
-    p.add_argument("--num-tokens", type=int, default=w.num_tokens, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=w.hidden)
-    p.add_argument("--num-topk", type=int, default=w.num_topk)
-    p.add_argument("--num-experts", type=int, default=w.num_experts)
+    p.add_argument("--model", default=None, help="fill hidden/top-k/experts from a model preset (see --list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the model presets and exit")
+    p.add_argument("--num-tokens", default=str(w.num_tokens),
+                   help="tokens per rank; several comma-separated sizes give a best config per size and overall")
+    p.add_argument("--hidden", type=int, default=None, help=f"hidden size (default {w.hidden}, or the --model's)")
+    p.add_argument("--num-topk", type=int, default=None, help=f"experts per token (default {w.num_topk})")
+    p.add_argument("--num-experts", type=int, default=None, help=f"routed experts (default {w.num_experts})")
     p.add_argument("--dispatch-dtype", default=w.dispatch_dtype, help="bf16 or fp8")
     p.add_argument("--seed", type=int, default=0, help="routing seed (each rank adds its rank)")
     p.add_argument("--max-sms", type=int, default=None, help="largest num_sms the answer may use")
@@ -70,13 +82,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                    help="a measurement running longer is recorded as a hang and the ranks restart")
     p.add_argument("--max-buffer-gb", type=float, default=4.0, help="largest NVL buffer per rank to sweep")
+    p.add_argument("--sm-tolerance", type=float, default=0.05,
+                   help="advise the smallest num_sms within this fraction of the fastest (default 0.05)")
+    p.add_argument("--emit", action="store_true", help="print every paste target (torchtitan, SGLang, Python patch)")
+    p.add_argument("--plot", action="store_true", help="write PNG plots next to the results")
+    p.add_argument("--baseline-a2a", action="store_true",
+                   help="also time torch.distributed.all_to_all_single moving the same tokens")
     return p
 
 
+class OptionsError(ValueError):
+    pass
+
+
+def _token_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise OptionsError(f"--num-tokens takes integers separated by commas, got {text!r}") from None
+    if not counts or len(set(counts)) != len(counts):
+        raise OptionsError(f"--num-tokens needs one or more distinct sizes, got {text!r}")
+    return counts
+
+
 def options_from_args(a: argparse.Namespace) -> Options:
+    """Raises OptionsError (one line) for values that cannot even be parsed: an unknown model, bad sizes."""
+    base = Workload()
+    hidden, topk, experts = base.hidden, base.num_topk, base.num_experts
+    if a.model:
+        preset = find_preset(a.model)
+        if preset is None:
+            raise OptionsError(f"unknown --model {a.model!r}: see --list-models")
+        hidden, topk, experts = preset.hidden, preset.num_topk, preset.num_experts
+    counts = _token_counts(a.num_tokens)
     return Options(
         mode=a.mode, backend=a.backend,
-        workload=Workload(a.num_tokens, a.hidden, a.num_topk, a.num_experts, a.dispatch_dtype, a.seed),
+        workload=Workload(counts[0], a.hidden if a.hidden is not None else hidden,
+                          a.num_topk if a.num_topk is not None else topk,
+                          a.num_experts if a.num_experts is not None else experts, a.dispatch_dtype, a.seed),
+        token_counts=counts, model=preset.name if a.model else None,
+        sm_tolerance=a.sm_tolerance, emit=a.emit, plot=a.plot, baseline_a2a=a.baseline_a2a,
         max_sms=a.max_sms, colocate=a.colocate, out_dir=a.out_dir, run_id=a.run_id, resume=a.resume,
         replay=a.replay, replay_noise=a.replay_noise, warmup=a.warmup, iters=a.iters, timeout_s=a.timeout_s,
         max_buffer_gb=a.max_buffer_gb,
@@ -91,9 +136,12 @@ def options_error(o: Options, num_ranks: int) -> str | None:
         return f"unknown --backend {o.backend!r}: use deepep, reference or replay"
     if num_ranks not in SUPPORTED_RANKS:
         return f"DeepEP intranode kernels run on 2, 4 or 8 ranks, not {num_ranks}: launch 2, 4 or 8 processes"
-    err = workload_error(o.workload, num_ranks)
-    if err:
-        return err
+    for n in o.token_counts:
+        err = workload_error(replace(o.workload, num_tokens=n), num_ranks)
+        if err:
+            return err
+    if not 0 <= o.sm_tolerance < 1:
+        return f"--sm-tolerance must be in [0, 1), got {o.sm_tolerance}"
     if o.max_sms is not None and (o.max_sms < 2 or o.max_sms % 2):
         return f"--max-sms must be an even number >= 2, got {o.max_sms}"
     if o.warmup < 0 or o.iters < 1:
@@ -139,3 +187,20 @@ def gpu_error(o: Options, num_ranks: int, num_gpus: int) -> str | None:
 def mps_running() -> bool:
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
     return os.path.exists(os.path.join(pipe, "control"))
+
+
+def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the named options and their values (--resume's value is optional)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            skip = nxt is not None and not (a == "--resume" and nxt.startswith("-"))
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out

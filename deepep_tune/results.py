@@ -10,9 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from .consumers import sglang_config, torchtitan_turbo_text
+from .consumers import buffer_notes, nvl_size_hint, python_patch_text, sglang_config, torchtitan_turbo_text
 from .search import SmsRow
-from .space import TuneConfig, align, combine_nvl_bytes, dispatch_nvl_bytes
+from .space import TuneConfig, align, combine_nvl_bytes, deepep_default, dispatch_nvl_bytes
 from .workload import Traffic, Workload
 
 SCHEMA_VERSION = 1
@@ -91,12 +91,24 @@ def _r(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, 2)
 
 
-def build_results(*, meta: dict[str, Any], workload: Workload, ep_size: int, best: SmsRow, rows: list[SmsRow],
-                  baselines: list[Baseline], traffic: Traffic, spread: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class SizeOutcome:
+    """Everything measured for one token count."""
+
+    workload: Workload
+    best: SmsRow
+    rows: list[SmsRow]
+    baselines: list[Baseline]
+    traffic: Traffic
+    spread: dict[str, Any]
+    a2a: dict[str, Any] | None = None
+
+
+def size_section(o: SizeOutcome) -> dict[str, Any]:
+    best = o.best
     assert best.dispatch is not None and best.combine is not None
-    nvl = nvl_bytes_needed(best.dispatch, best.combine, workload, ep_size)
     base_out = {}
-    for b in baselines:
+    for b in o.baselines:
         entry: dict[str, Any] = {"description": b.description, "dispatch": b.dispatch.as_dict(),
                                  "combine": b.combine.as_dict()}
         if b.skipped:
@@ -106,21 +118,67 @@ def build_results(*, meta: dict[str, Any], workload: Workload, ep_size: int, bes
             entry.update(dispatch_us=_r(b.dispatch_us), combine_us=_r(b.combine_us), total_us=_r(total),
                          speedup=round(total / best.total_us, 3) if total is not None and math.isfinite(total) else None)
         base_out[b.name] = entry
-    return {
+    out: dict[str, Any] = {
+        "num_tokens": o.workload.num_tokens,
+        "best": {
+            "num_sms": best.num_sms,
+            "dispatch": {**best.dispatch.as_dict(), "time_us": _r(best.dispatch_us), **o.spread.get("dispatch", {})},
+            "combine": {**best.combine.as_dict(), "time_us": _r(best.combine_us), **o.spread.get("combine", {})},
+            "total_us": _r(best.total_us),
+        },
+        "per_num_sms": [_row(r) for r in o.rows],
+        "baselines": base_out,
+        "bandwidth": bandwidth(o.workload, o.traffic, best.dispatch_us, best.combine_us),
+    }
+    if o.a2a is not None:
+        a = dict(o.a2a)
+        if "total_us" in a:
+            a["deepep_speedup"] = round(a["total_us"] / best.total_us, 3)
+        out["all_to_all"] = a
+    return out
+
+
+def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome],
+                  overall: tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]] | None,
+                  advice: dict[str, Any] | None) -> dict[str, Any]:
+    """Top level: the answer (normal_dispatch/normal_combine, paste targets) and the first token count's
+    tables; per_num_tokens and best.by_num_tokens when several token counts were tuned."""
+    primary = size_section(sizes[0])
+    w = sizes[0].workload
+    if overall is None:
+        disp, comb = sizes[0].best.dispatch, sizes[0].best.combine
+        best = primary["best"]
+    else:
+        disp, comb, by_size = overall
+        best = {"num_sms": disp.num_sms, "dispatch": disp.as_dict(), "combine": comb.as_dict(),
+                "rule": "smallest mean loss against each token count's own best",
+                "by_num_tokens": {str(n): v for n, v in by_size.items()}}
+        first = by_size[w.num_tokens]
+        best["dispatch"]["time_us"], best["combine"]["time_us"] = first["dispatch_us"], first["combine_us"]
+        best["total_us"] = first["total_us"]
+    assert disp is not None and comb is not None
+    nvl = nvl_bytes_needed(disp, comb, w, ep_size)
+    hb = w.hidden * max(w.elem_size, 2)
+    hint = max(nvl_size_hint(disp, hb, ep_size), nvl_size_hint(comb, hb, ep_size))
+    default_hint = max(nvl_size_hint(deepep_default(op, ep_size), hb, ep_size) for op in ("dispatch", "combine"))
+    nvl["size_hint"] = hint
+    res = {
         "schema_version": SCHEMA_VERSION,
         **meta,
         "ep_size": ep_size,
-        "workload": workload.as_dict(),
-        "best": {
-            "num_sms": best.num_sms,
-            "dispatch": {**best.dispatch.as_dict(), "time_us": _r(best.dispatch_us), **spread.get("dispatch", {})},
-            "combine": {**best.combine.as_dict(), "time_us": _r(best.combine_us), **spread.get("combine", {})},
-            "total_us": _r(best.total_us),
-        },
-        "per_num_sms": [_row(r) for r in rows],
-        "baselines": base_out,
+        "workload": w.as_dict(),
+        "num_tokens_tuned": [s.workload.num_tokens for s in sizes],
+        "best": best,
+        **{k: v for k, v in primary.items() if k not in ("best", "num_tokens")},
+        "sm_advice": advice,
         "nvl_buffer_bytes": nvl,
-        "bandwidth": bandwidth(workload, traffic, best.dispatch_us, best.combine_us),
-        "paste": {"torchtitan_turbo": torchtitan_turbo_text(best.dispatch, best.combine, nvl["num_nvl_bytes"])},
-        **sglang_config(best.dispatch, best.combine),
+        "paste": {
+            "torchtitan_turbo": torchtitan_turbo_text(disp, comb, nvl["num_nvl_bytes"]),
+            "python_patch": python_patch_text(disp, comb, ep_size),
+            "buffer_notes": buffer_notes(nvl["num_nvl_bytes"], hint, default_hint),
+        },
+        **sglang_config(disp, comb),
     }
+    if len(sizes) > 1:
+        res["per_num_tokens"] = {str(s.workload.num_tokens): size_section(s) for s in sizes}
+    return res

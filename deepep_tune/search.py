@@ -173,3 +173,26 @@ def refine(oracle: Oracle, space: Space, max_sms: int | None, tolerance: float =
 
 
 STRATEGIES = {"full": full_search, "quick": quick_search}
+
+
+def sm_advice(rows: list[SmsRow], tolerance: float, max_sms: int | None = None) -> SmsRow | None:
+    """The smallest num_sms whose dispatch + combine is within `tolerance` of the fastest in the budget:
+    SMs spent on communication are taken from compute, so fewer may be worth a small slowdown."""
+    best = pick(rows, max_sms)
+    if best is None:
+        return None
+    ok = [r for r in rows if r.num_sms <= best.num_sms and r.total_us <= best.total_us * (1 + tolerance)]
+    return min(ok, key=lambda r: r.num_sms)
+
+
+Candidate = tuple[TuneConfig, TuneConfig]  # (dispatch, combine) at one num_sms
+
+
+def choose_overall(totals: dict[Candidate, dict[int, float]], best_at: dict[int, float]) -> tuple[Candidate, dict[int, float]]:
+    """One config for several token counts: the candidate with the smallest mean relative loss against each
+    size's own optimum (ties: fewer SMs). Returns it and its loss (fraction) at each size."""
+    def losses(c: Candidate) -> dict[int, float]:
+        return {n: totals[c][n] / best_at[n] - 1 for n in best_at}
+
+    best = min(totals, key=lambda c: (sum(losses(c).values()), c[0].num_sms, c))
+    return best, losses(best)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 import math
 import os
 import platform
@@ -17,12 +18,17 @@ import torch.distributed as dist
 
 from . import __version__
 from .backends.base import Backend
+from .models import list_models
 from .logio import LogError, LogWriter, log_path, new_run_id, newest_unfinished, read_log
-from .measure import ContextLost, MeasureSettings, Measurer
-from .options import Options, build_parser, gpu_error, options_error, options_from_args
+from .a2a import time_all_to_all
+from .faults import extra_configs
+from .consumers import torchtitan_turbo_text
+from .measure import ContextLost, MeasureSettings, Measurer, Sequence
+from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error,
+                      options_from_args)
 from .render import summary
-from .results import Baseline, build_results, results_name, write_json_atomic
-from .search import STRATEGIES, SmsRow, pick, per_sms_table, refine
+from .results import Baseline, SizeOutcome, build_results, nvl_bytes_needed, results_name, write_json_atomic
+from .search import STRATEGIES, SmsRow, choose_overall, mean_times, pick, per_sms_table, refine, sm_advice
 from .space import (COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, align, build_space,
                     combine_nvl_bytes, deepep_default, dispatch_nvl_bytes, mode_axes)
 from .workload import traffic
@@ -59,7 +65,9 @@ class Run:
         self.o, self.rank, self.world, self.local_rank = o, rank, world, local_rank
         self.t0 = time.time()
         self.log: LogWriter | None = None
-        self.backend: Backend | None = None
+        self.backend: Any = None
+        self.nccl: Any = None
+        self.measurers: dict[int, Measurer] = {}
 
     # setup ------------------------------------------------------------------------------------
     def resume_state(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -87,7 +95,8 @@ class Run:
                              "start a new run without --resume")
         log = read_log(path)
         h = log.header or {}
-        mine = {"ep_size": self.world, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict()}
+        mine = {"ep_size": self.world, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict(),
+                "token_counts": list(o.token_counts)}
         theirs = {k: h.get(k) for k in mine}
         diff = [k for k in mine if mine[k] != theirs[k]]
         if diff:
@@ -104,6 +113,7 @@ class Run:
         if o.backend == "replay":
             from .backends.replay import ReplayBackend
             b = ReplayBackend(o.replay, o.replay_noise, o.workload.seed)
+            b.prepare(o.workload)
             return b, b.space().restrict(o.max_sms), 0, info
         if o.backend == "reference":
             from .backends.reference import ReferenceBackend
@@ -160,62 +170,165 @@ class Run:
             raise UsageError(err)
         if not space.size():
             raise UsageError("the search space is empty: raise --max-sms or --max-buffer-gb")
-        if self.rank == 0:
-            self.log = LogWriter(path, create=o.resume is None)
-            if o.resume is None:
-                self.log.write({"event": "header", "tool_version": __version__, "ep_size": self.world,
-                                "mode": o.mode, "backend": o.backend, "workload": o.workload.as_dict(),
-                                "options": {k: v for k, v in o.as_dict().items() if k != "workload"},
-                                "hardware": {**self.backend.describe(), **info},
-                                "started": _now()})
-            else:
-                for d in dangling:
-                    m = d["measure"]
-                    self.log.write({"op": m["op"], "num_sms": m["num_sms"], "nvl_chunk": m["nvl_chunk"],
-                                    "nvl_buffer": m["nvl_buffer"], "time_us": None, "status": "crashed",
-                                    "error": "a rank died or hung during this measurement (device trap, abort or "
-                                             f"watchdog after {o.timeout_s} s)", "role": m.get("role"),
-                                    "seq": d["seq"], "t": time.time()})
-                self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior),
-                                "crashed": len(dangling)})
-                _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) "
-                        "recorded as failed")
+        space = with_extra_configs(space)
+        hw = {**self.backend.describe(), **info}
+        self.open_log(path, prior, dangling, hw)
         for d in dangling:  # every rank knows the crashed configs: they are results too
-            m = d["measure"]
-            prior.append({"op": m["op"], "num_sms": m["num_sms"], "nvl_chunk": m["nvl_chunk"],
-                          "nvl_buffer": m["nvl_buffer"], "time_us": None, "status": "crashed", "seq": d["seq"]})
+            prior.append({**{k: d["measure"][k] for k in d["measure"] if k != "role"}, "time_us": None,
+                          "status": "crashed", "seq": d["seq"]})
         prior.sort(key=lambda r: r.get("seq", 0))
+        seq = Sequence(max((r.get("seq", 0) for r in prior), default=0))
         bar = self._progress(space)
+        settings = MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s)
         healthy = getattr(self.backend, "healthy", None)
-        meas = Measurer(self.backend, MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s), self.rank, self.log,
-                        prior, on_record=bar, healthy=healthy)
-        best, rows, baselines = search_and_baselines(meas, space, o.mode, self.world, o.max_sms, info.get("sms_cap"),
-                                                     getattr(self.backend, "has", None))
+        first = o.token_counts[0]
+        measurers: dict[int, Measurer] = {}
+        outcomes: list[SizeOutcome] = []
+        for n in o.token_counts:
+            w = replace(o.workload, num_tokens=n)
+            self.backend.prepare(w)
+            mine = [r for r in prior if r.get("num_tokens", first) == n]
+            meas = measurers[n] = self.measurers[n] = Measurer(self.backend, settings, self.rank, self.log, mine, on_record=bar,
+                                           healthy=healthy, tag={"num_tokens": n}, seq=seq)
+            best, rows, baselines = search_and_baselines(meas, space, o.mode, self.world, o.max_sms,
+                                                         info.get("sms_cap"), getattr(self.backend, "has", None))
+            a2a = self.all_to_all(w) if o.baseline_a2a else None
+            outcomes.append(SizeOutcome(w, best, rows, baselines, traffic(w, self.world), self.spread(meas, best), a2a))
+        overall = self.overall(outcomes, measurers) if len(outcomes) > 1 else None
         if bar is not None:
             bar.close()
-        spread = self.spread(meas, best)
-        hw = {**self.backend.describe(), **info}
+        advice_row = sm_advice(outcomes[0].rows, o.sm_tolerance, o.max_sms)
+        records = [r for m in measurers.values() for r in m.records]
         meta = {
-            "tool_version": __version__, "mode": o.mode, "backend": o.backend,
+            "tool_version": __version__, "mode": o.mode, "backend": o.backend, "model": o.model,
             "hardware": hw, "colocated": bool(hw.get("colocated")),
             "software": {"torch": torch.__version__, "python": platform.python_version(),
                          "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
             "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": _now(),
             "wall_s": round(time.time() - self.t0, 2),
-            "num_measurements": len(meas.records), "num_measured_this_launch": len(meas.records) - meas.reused,
-            "resumed": o.resume is not None, "space": {"num_configs": space.size(), "sms_values": space.sms_values(),
-                                                       "pruned": pruned},
+            "num_measurements": len(records),
+            "num_measured_this_launch": len(records) - sum(m.reused for m in measurers.values()),
+            "resumed": o.resume is not None,
+            "space": {"num_configs": space.size(), "sms_values": space.sms_values(), "pruned": pruned},
             "log": path,
         }
-        res = build_results(meta=meta, workload=o.workload, ep_size=self.world, best=best, rows=rows,
-                            baselines=baselines, traffic=traffic(o.workload, self.world), spread=spread)
+        res = build_results(meta=meta, ep_size=self.world, sizes=outcomes, overall=overall,
+                            advice=self.advice(advice_row, outcomes[0]))
         if self.rank == 0:
-            out = os.path.join(o.out_dir, results_name(self.world, o.backend, bool(hw.get("colocated"))))
-            res["results_path"] = out
-            write_json_atomic(out, res)
-            self.log.write({"event": "done", "results": out, "t": time.time()})
-            print(summary(res), flush=True)
+            self.write_outputs(res, measurers[first], outcomes)
         return res
+
+    def open_log(self, path: str, prior: list[dict[str, Any]], dangling: list[dict[str, Any]], hw: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        o = self.o
+        self.log = LogWriter(path, create=o.resume is None)
+        if o.resume is None:
+            self.log.write({"event": "header", "tool_version": __version__, "ep_size": self.world,
+                            "mode": o.mode, "backend": o.backend, "workload": o.workload.as_dict(),
+                            "token_counts": list(o.token_counts),
+                            "options": {k: v for k, v in o.as_dict().items() if k != "workload"},
+                            "hardware": hw, "started": _now()})
+            return
+        for d in dangling:
+            m = d["measure"]
+            self.log.write({**{k: m[k] for k in m}, "time_us": None, "status": "crashed",
+                            "error": "a rank died or hung during this measurement (device trap, abort or "
+                                     f"watchdog after {o.timeout_s} s)", "seq": d["seq"], "t": time.time()})
+        self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
+        _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
+
+    def overall(self, outcomes: list[SizeOutcome], measurers: dict[int, Measurer]
+                ) -> tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]]:
+        """Measure every size's winner at every other size, then pick one config for all sizes."""
+        cands = list(dict.fromkeys((oc.best.dispatch, oc.best.combine) for oc in outcomes))
+        totals: dict[Any, dict[int, float]] = {c: {} for c in cands}
+        parts: dict[Any, dict[int, tuple[float, float]]] = {c: {} for c in cands}
+        for oc in outcomes:
+            n = oc.workload.num_tokens
+            self.backend.prepare(oc.workload)
+            for d, c in cands:
+                td, tc = measurers[n].time("dispatch", d), measurers[n].time("combine", c)
+                totals[(d, c)][n], parts[(d, c)][n] = td + tc, (td, tc)
+        best_at = {oc.workload.num_tokens: oc.best.total_us for oc in outcomes}
+        (d, c), losses = choose_overall(totals, best_at)
+        by_size = {n: {"dispatch_us": round(parts[(d, c)][n][0], 2), "combine_us": round(parts[(d, c)][n][1], 2),
+                       "total_us": round(totals[(d, c)][n], 2), "loss_pct": round(100 * losses[n], 2)}
+                   for n in best_at}
+        return d, c, by_size
+
+    def advice(self, row: SmsRow | None, primary: SizeOutcome) -> dict[str, Any] | None:
+        if row is None or row.dispatch is None or row.combine is None:
+            return None
+        flags = drop_options(sys.argv[1:], ("--mode", "--run-id", "--resume", "--max-sms"))
+        w = primary.workload
+        nvl = nvl_bytes_needed(row.dispatch, row.combine, w, self.world)
+        return {
+            "tolerance": self.o.sm_tolerance,
+            "num_sms": row.num_sms, "dispatch": row.dispatch.as_dict(), "combine": row.combine.as_dict(),
+            "total_us": round(row.total_us, 2),
+            "slower_than_best_pct": round(100 * (row.total_us / primary.best.total_us - 1), 2),
+            "sms_saved": primary.best.num_sms - row.num_sms,
+            "torchtitan_turbo": torchtitan_turbo_text(row.dispatch, row.combine, nvl["num_nvl_bytes"]),
+            "command": f"./run.sh {self.world} {self.o.mode} {' '.join(flags)} --max-sms {row.num_sms}".replace("  ", " "),
+        }
+
+    def all_to_all(self, w: Any) -> dict[str, Any]:
+        o = self.o
+        if o.backend == "replay":
+            return {"skipped": "no tokens move in a replay"}
+        if o.backend == "deepep":
+            if getattr(self.backend, "colocated", False):
+                return {"skipped": "NCCL cannot run several ranks on one GPU, and gloo would time host copies"}
+            if self.nccl is None:
+                self.nccl = dist.new_group(backend="nccl")
+            device, group, timer = self.backend.device, self.nccl, self.backend.timer
+            flush = self.backend.flush
+        else:
+            device, group, timer, flush = torch.device("cpu"), None, self.backend.timer, None
+        t = time_all_to_all(w, self.rank, self.world, device, group, timer, o.warmup, o.iters, flush)
+        return {"dispatch_us": round(t["dispatch"], 2), "combine_us": round(t["combine"], 2),
+                "total_us": round(t["dispatch"] + t["combine"], 2),
+                "what": "torch.distributed.all_to_all_single: count exchange + rows (dispatch), rows back (combine)"}
+
+    def write_outputs(self, res: dict[str, Any], meas: Measurer, outcomes: list[SizeOutcome]) -> None:
+        o = self.o
+        out = os.path.join(o.out_dir, results_name(self.world, o.backend, bool(res["colocated"])))
+        stem = out[:-len(".json")]
+        sglang = f"{stem}_sglang.json"
+        res["results_path"] = out
+        res["paste"]["sglang_file"] = sglang
+        if o.plot:
+            res["plots"] = self.plots(stem, res, outcomes)
+        write_json_atomic(sglang, sglang_config_from(res))
+        write_json_atomic(out, res)
+        self.log.write({"event": "done", "results": out, "t": time.time()})
+        print(summary(res, emit=o.emit), flush=True)
+
+    def plots(self, stem: str, res: dict[str, Any], outcomes: list[SizeOutcome]) -> list[str]:
+        from .plots import plot_heatmap, plot_sms
+        paths = []
+        sections = res.get("per_num_tokens") or {str(outcomes[0].workload.num_tokens): res}
+        for oc in outcomes:
+            n = oc.workload.num_tokens
+            sec = sections[str(n)]
+            suffix = f"_T{n}" if len(outcomes) > 1 else ""
+            label = (f"EP{self.world} {res['hardware'].get('device_name')}"
+                     f"{' CO-LOCATED' if res['colocated'] else ''}, {n} tokens/rank, hidden {oc.workload.hidden}")
+            p = f"{stem}{suffix}_sms.png"
+            plot_sms(sec, f"{label}\nbest config at each num_sms ({res['backend']}, {res['mode']})", p)
+            paths.append(p)
+            for op in ("dispatch", "combine"):
+                cells = {(c.nvl_chunk, c.nvl_buffer): t for (o_, c), t in self.times_for(n).items()
+                         if o_ == op and c.num_sms == oc.best.num_sms}
+                p = f"{stem}{suffix}_heatmap_{op}.png"
+                plot_heatmap(cells, op, oc.best.num_sms, f"{label}\n{op} at num_sms={oc.best.num_sms} "
+                             f"(blank: not measured)", p)
+                paths.append(p)
+        return paths
+
+    def times_for(self, num_tokens: int) -> dict[tuple[str, TuneConfig], float]:
+        return mean_times(self.measurers[num_tokens].observed())
 
     def spread(self, meas: Measurer, best: Any) -> dict[str, Any]:
         out = {}
@@ -283,6 +396,18 @@ def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, 
     return best, rows, bases
 
 
+def with_extra_configs(space: Space) -> Space:
+    extra = extra_configs()
+    if not extra:
+        return space
+    return Space(tuple(sorted(set(space.dispatch) | {c for op, c in extra if op == "dispatch"})),
+                 tuple(sorted(set(space.combine) | {c for op, c in extra if op == "combine"})))
+
+
+def sglang_config_from(res: dict[str, Any]) -> dict[str, Any]:
+    return {"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}
+
+
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -311,8 +436,16 @@ def _install_signal_handlers(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    o = options_from_args(args)
     rank = int(os.environ.get("RANK", "0"))
+    if args.list_models:
+        if rank == 0:
+            print(list_models())
+        return 0
+    try:
+        o = options_from_args(args)
+    except OptionsError as e:
+        _say(rank, f"error: {e}")
+        return EXIT_BAD_INPUT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     err = options_error(o, world)

@@ -29,6 +29,9 @@ class Backend(ABC):
     def measure(self, op: str, cfg: TuneConfig, warmup: int, iters: int) -> LocalResult:
         """Time op at cfg on this rank. May raise: the caller records the exception as a failed config."""
 
+    def prepare(self, workload: Workload) -> None:
+        """Switch to another workload (another token count); the communication buffer is kept."""
+
     def describe(self) -> dict[str, Any]:
         """Hardware and software facts for the results file."""
         return {}
@@ -59,12 +62,15 @@ class TokenBackend(Backend):
 
     timer: Timer
 
-    def __init__(self, workload: Workload, rank: int, num_ranks: int) -> None:
-        self.workload, self.rank, self.num_ranks = workload, rank, num_ranks
-        routings = [make_routing(workload, r, num_ranks) for r in range(num_ranks)]
-        self.routing: Routing = routings[rank]
-        self.expected: Expected = expected_for_rank(workload, rank, num_ranks, routings)
-        self.own_values = token_values(rank, workload.num_tokens).float()
+    def __init__(self, rank: int, num_ranks: int) -> None:
+        self.rank, self.num_ranks = rank, num_ranks
+
+    def prepare(self, workload: Workload) -> None:
+        self.workload = workload
+        routings = [make_routing(workload, r, self.num_ranks) for r in range(self.num_ranks)]
+        self.routing: Routing = routings[self.rank]
+        self.expected: Expected = expected_for_rank(workload, self.rank, self.num_ranks, routings)
+        self.own_values = token_values(self.rank, workload.num_tokens).float()
         self.handles: dict[int, Any] = {}
 
     def flush(self) -> None:

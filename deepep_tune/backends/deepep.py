@@ -48,7 +48,7 @@ class DeepEPBackend(TokenBackend):
                  group: dist.ProcessGroup, num_nvl_bytes: int, colocated: bool) -> None:
         import deep_ep  # imported here so that the package works without deep_ep installed
 
-        super().__init__(workload, rank, num_ranks)
+        super().__init__(rank, num_ranks)
         self.deep_ep = deep_ep
         torch.cuda.set_device(local_device(local_rank))
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -58,7 +58,11 @@ class DeepEPBackend(TokenBackend):
                                      explicitly_destroy=True)
         self.timer = CudaEventTimer()
         self.l2 = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
-        dev = self.device
+        self.prepare(workload)
+
+    def prepare(self, workload: Workload) -> None:
+        super().prepare(workload)
+        deep_ep, dev = self.deep_ep, self.device
         values = self.own_values.to(dev)
         x = values[:, None].expand(workload.num_tokens, workload.hidden)
         if workload.dispatch_dtype == "fp8":

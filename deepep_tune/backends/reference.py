@@ -28,8 +28,13 @@ class ReferenceBackend(TokenBackend):
     name = "reference"
 
     def __init__(self, workload: Workload, rank: int, num_ranks: int) -> None:
-        super().__init__(workload, rank, num_ranks)
+        super().__init__(rank, num_ranks)
         self.timer = wall_timer
+        self.prepare(workload)
+
+    def prepare(self, workload: Workload) -> None:
+        super().prepare(workload)
+        num_ranks = self.num_ranks
         values = self.own_values
         x = values[:, None].expand(workload.num_tokens, workload.hidden)
         if workload.dispatch_dtype == "fp8":

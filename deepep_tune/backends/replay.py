@@ -10,6 +10,7 @@ from typing import Any
 
 from ..logio import measurement_key, read_landscape
 from ..space import Space, TuneConfig, space_from_points
+from ..workload import Workload
 from .base import Backend, LocalResult
 
 
@@ -19,11 +20,17 @@ class ReplayBackend(Backend):
     def __init__(self, path: str, noise: float = 0.0, seed: int = 0) -> None:
         self.path, self.noise, self.seed = path, noise, seed
         self.records = read_landscape(path)
+        self.calls: Counter[tuple[str, TuneConfig]] = Counter()
+        self.prepare(None)
+
+    def prepare(self, workload: Workload | None) -> None:
+        """Records that name a num_tokens answer only for that token count."""
         self.times: dict[tuple[str, TuneConfig], float] = {}
         for rec in self.records:
+            if workload is not None and rec.get("num_tokens", workload.num_tokens) != workload.num_tokens:
+                continue
             ok = rec.get("status", "ok") == "ok" and isinstance(rec.get("time_us"), (int, float))
-            self.times[measurement_key(rec)] = float(rec["time_us"]) if ok else math.inf
-        self.calls: Counter[tuple[str, TuneConfig]] = Counter()
+            self.times.setdefault(measurement_key(rec), float(rec["time_us"]) if ok else math.inf)
 
     def space(self) -> Space:
         return space_from_points(self.times)

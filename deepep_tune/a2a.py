@@ -1,0 +1,44 @@
+"""Baseline: torch.distributed.all_to_all_single moving the same tokens as dispatch and combine (what
+torchtitan's "standard" token dispatcher does: a count exchange, then the rows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .bench import Timer, bench, reduce_samples
+from .workload import Workload, make_routing
+
+
+def time_all_to_all(w: Workload, rank: int, world: int, device: torch.device, group: Any, timer: Timer,
+                    warmup: int, iters: int, flush: Any = None) -> dict[str, float]:
+    rt = make_routing(w, rank, world)
+    send_rows = rt.num_tokens_per_rank.tolist()
+    order = torch.cat([rt.is_token_in_rank[:, d].nonzero().flatten() for d in range(world)])
+    dtype = torch.bfloat16 if w.dispatch_dtype == "bf16" else torch.uint8  # fp8 rows travel as bytes
+    x = torch.ones(w.num_tokens, w.hidden, dtype=dtype, device=device)
+    counts = torch.tensor(send_rows, dtype=torch.int64, device=device)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    recv_rows = recv_counts.tolist()
+    send = x[order.to(device)]
+    recv = torch.empty(sum(recv_rows), w.hidden, dtype=dtype, device=device)
+    back_send = torch.ones(sum(recv_rows), w.hidden, dtype=torch.bfloat16, device=device)
+    back = torch.empty(send.shape[0], w.hidden, dtype=torch.bfloat16, device=device)
+
+    def dispatch() -> None:
+        c = torch.empty_like(counts)
+        dist.all_to_all_single(c, counts, group=group)
+        rows = c.tolist()  # the host needs the counts to size the receive buffer: a CPU sync, as in DeepEP
+        dist.all_to_all_single(recv[:sum(rows)], send, rows, send_rows, group=group)
+
+    def combine() -> None:
+        dist.all_to_all_single(back, back_send, send_rows, recv_rows, group=group)
+
+    out = {}
+    for op, fn in (("dispatch", dispatch), ("combine", combine)):
+        samples = bench(fn, warmup=warmup, iters=iters, timer=timer, before_each=flush)
+        out[op] = reduce_samples(samples, False, iters).time_us
+    return out
