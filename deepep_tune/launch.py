@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "3"))
+    # Each relaunch must record progress (the crashed config at least), so this only bounds a long chain.
+    retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "10"))
     args = ["--mode", mode, *argv]
     if o.resume is None:
         run_id = o.run_id or new_run_id()

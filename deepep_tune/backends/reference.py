@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from ..bench import wall_timer
-from ..space import TuneConfig
+from ..consumers import config_ctor_error
+from ..space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig
 from ..workload import FP8_BLOCK, Workload
 from .base import CombineOut, DispatchOut, TokenBackend
 
@@ -55,7 +56,15 @@ class ReferenceBackend(TokenBackend):
                                    torch.where(local, rt.topk_weights[idx], 0.0)))
         self.combine_in = self.expected.recv_values.to(torch.bfloat16)[:, None].expand(-1, workload.hidden).contiguous()
 
+    @staticmethod
+    def _validate(cfg: TuneConfig) -> None:
+        """DeepEP rejects bad configs on the host before launch; so does the reference."""
+        err = config_ctor_error(cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer, RDMA_CHUNK, RDMA_BUFFER)
+        if err or cfg.num_sms == 0:
+            raise ValueError(f"Config{(cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer)} rejected: {err or 'num_sms=0'}")
+
     def _dispatch(self, cfg: TuneConfig) -> DispatchOut:
+        self._validate(cfg)
         # The count exchange stands for DeepEP's notify_dispatch + CPU sync of the non-cached path.
         counts = torch.tensor(self.send_rows, dtype=torch.int64)
         recv_counts = torch.empty_like(counts)
@@ -72,6 +81,7 @@ class ReferenceBackend(TokenBackend):
         return DispatchOut(recv_x, recv_scales, recv_idx, recv_w, per_expert.tolist(), handle)
 
     def _combine(self, cfg: TuneConfig, handle: Any) -> CombineOut:
+        self._validate(cfg)
         recv_rows, handle_sms = handle
         if handle_sms != cfg.num_sms:
             raise RuntimeError(f"handle made with num_sms={handle_sms} used with num_sms={cfg.num_sms}")
