@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from .bench import Timer, bench, reduce_samples
-from .workload import Workload, make_routing
+from .routing import make_routing
+from .workload import Workload
 
 
 def time_all_to_all(w: Workload, rank: int, world: int, device: torch.device, group: Any, timer: Timer,

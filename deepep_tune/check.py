@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .workload import Expected
+from .routing import Expected
 
 
 def check_dispatch(

@@ -20,11 +20,16 @@ USAGE = "usage: ./run.sh [ranks: 2|4|8, default all GPUs] [quick|full] [tuner fl
 
 
 def _gpu_count() -> int:
+    """Visible GPUs without importing torch (which would add seconds to every launch)."""
     try:
-        import torch
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable torch.cuda means no GPU
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
         return 0
+    n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]))
+    return n
 
 
 def _progress(path: str) -> int:

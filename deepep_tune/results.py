@@ -13,7 +13,8 @@ from typing import Any
 from .consumers import buffer_notes, nvl_size_hint, python_patch_text, sglang_config, torchtitan_turbo_text
 from .search import SmsRow
 from .space import TuneConfig, align, combine_nvl_bytes, deepep_default, dispatch_nvl_bytes
-from .workload import Traffic, Workload
+from .routing import Traffic
+from .workload import Workload
 
 SCHEMA_VERSION = 1
 

@@ -31,7 +31,7 @@ from .results import Baseline, SizeOutcome, build_results, nvl_bytes_needed, res
 from .search import STRATEGIES, SmsRow, choose_overall, mean_times, pick, per_sms_table, refine, sm_advice
 from .space import (COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, align, build_space,
                     combine_nvl_bytes, deepep_default, dispatch_nvl_bytes, mode_axes)
-from .workload import traffic
+from .routing import traffic
 
 EXIT_BAD_INPUT = 2
 EXIT_CONTEXT_LOST = 3

@@ -11,7 +11,8 @@ import torch
 from ..bench import Timer, bench
 from ..check import check_combine, check_dispatch
 from ..space import TuneConfig
-from ..workload import Expected, Routing, Workload, expected_for_rank, make_routing, token_values
+from ..routing import Expected, Routing, expected_for_rank, make_routing, token_values
+from ..workload import Workload
 
 
 @dataclass
