@@ -4,6 +4,7 @@ resumed run records that config as failed). Bounded retries; Ctrl-C stops everyt
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,6 +47,14 @@ def _finished(path: str) -> bool:
         return read_log(path).finished
     except (LogError, FileNotFoundError):
         return False
+
+
+def _append_event(path: str, rec: dict) -> None:
+    """The ranks are gone; note in their log that the run was stopped on purpose, so a resume measures the
+    config in flight again instead of recording it as crashed."""
+    if os.path.exists(path):
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
@@ -112,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = child.wait()
         if rc == 0:
             return 0
+        marker = path + ".interrupted"
+        if os.path.exists(marker):  # a rank got SIGINT/SIGTERM: stopped on purpose, not a crash
+            interrupted = True
+            os.unlink(marker)
         if interrupted:
+            _append_event(path, {"event": "interrupted"})
             print(f"[run] interrupted; measurements so far are in {path}. Continue with: "
                   f"./run.sh {ranks} {mode} {' '.join(argv)} --resume {path}".replace("  ", " "), file=sys.stderr)
             return 130

@@ -2,7 +2,7 @@
 
 Lines with an "op" key are measurements (one per measurement, nothing else has that key).
 Other lines carry an "event": header (first line), start (written before a measurement, so a rank
-that dies mid-measurement leaves a trace), resume, done."""
+that dies mid-measurement leaves a trace), resume, interrupted (Ctrl-C/SIGTERM), done."""
 
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def read_log(path: str) -> LogContents:
         elif isinstance(rec, dict) and rec.get("event") == "resume":
             out.resumes += 1
             started.clear()  # the resume wrote a record for each dangling start
+        elif isinstance(rec, dict) and rec.get("event") == "interrupted":
+            started.clear()  # stopped on purpose: the config in flight did not crash, measure it again
         elif isinstance(rec, dict) and rec.get("event") == "done":
             out.finished = True
     if out.header is None:

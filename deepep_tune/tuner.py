@@ -83,6 +83,8 @@ class Run:
         if isinstance(state[0], str):
             raise UsageError(state[0])
         del o
+        global _interrupt_marker
+        _interrupt_marker = interrupt_marker(state[0][0])
         return state[0]
 
     def _resume_state_rank0(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -412,6 +414,22 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+_interrupt_marker: str | None = None
+
+
+def interrupt_marker(log: str) -> str:
+    """A file next to the log that says the run was stopped on purpose (so run.sh does not relaunch it)."""
+    return log + ".interrupted"
+
+
+def _mark_interrupted() -> None:
+    if _interrupt_marker:
+        try:
+            open(_interrupt_marker, "a").close()
+        except OSError:
+            pass
+
+
 def _install_signal_handlers(rank: int) -> None:
     """SIGINT/SIGTERM raise KeyboardInterrupt in the main thread. If the main thread is blocked in a kernel or
     a collective and cannot get there, a helper thread ends the process after a grace period; the log is
@@ -427,6 +445,7 @@ def _install_signal_handlers(rank: int) -> None:
 
     def grace() -> None:
         os.read(rfd, 1)
+        _mark_interrupted()
         time.sleep(5.0)
         _say(rank, "[tune] interrupted while blocked; exiting (resume with --resume)")
         os._exit(EXIT_INTERRUPTED)
@@ -465,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tune] rank {rank}: {e}", file=sys.stderr, flush=True)
         code = EXIT_CONTEXT_LOST
     except KeyboardInterrupt as e:
+        _mark_interrupted()
+        if run.log is not None:
+            run.log.write({"event": "interrupted", "t": time.time()})
         _say(rank, f"[tune] interrupted ({e or 'SIGINT'}); measurements so far are in the log. "
                    f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
         code = EXIT_INTERRUPTED

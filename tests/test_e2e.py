@@ -1,0 +1,325 @@
+"""End to end through ./run.sh and torchrun on CPU (gloo): the reference backend on 4 ranks, a replayed
+landscape on 2 ranks, and relaunch/resume after a crashed rank. These are the slow tests."""
+
+import ast
+import datetime
+import glob
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from _helpers import brute_force_optimum, grid_points, read_jsonl, run_launch, write_landscape
+from deepep_tune.backends.replay import ReplayBackend
+from deepep_tune.consumers import config_ctor_error
+from deepep_tune.logio import read_log
+from deepep_tune.space import TuneConfig
+
+pytestmark = pytest.mark.slow
+
+CONFIG_KWARGS = {"num_sms", "num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
+                 "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"}
+MEASUREMENT_KEYS = {"op", "num_sms", "nvl_chunk", "nvl_buffer", "time_us", "median_us", "min_us", "max_us", "status"}
+REF_WORKLOAD = {"num_tokens": 64, "hidden": 256, "num_topk": 4, "num_experts": 16, "dispatch_dtype": "bf16", "seed": 0}
+
+
+def _dispatch_bytes(S, R, N, hidden_bytes, topk, scales=0):
+    C = S // 2
+    return R * R * 4 + C * R * 16 + C * R * N * (hidden_bytes + 4 + topk * 12 + 4 * scales)
+
+
+def _combine_bytes(S, R, N, hidden, topk):
+    C = S // 2
+    return C * R * 8 + C * R * N * (hidden * 2 + 4 + topk * 4)
+
+
+def _check_log(path, keys=MEASUREMENT_KEYS):
+    """Every line is JSON; a header first; measurement lines (and only they) carry a top-level op."""
+    with open(path) as f:
+        raw = f.read()
+    assert raw.endswith("\n")
+    lines = [json.loads(x) for x in raw.splitlines()]
+    assert lines[0].get("event") == "header"
+    measurements = [x for x in lines if "op" in x]
+    others = [x for x in lines if "op" not in x]
+    assert all("event" in x for x in others)
+    for m in measurements:
+        assert keys <= set(m), (keys - set(m), m)
+        assert m["op"] in ("dispatch", "combine")
+        assert "event" not in m
+        if m["status"] == "ok":
+            assert m["time_us"] > 0 and m["min_us"] <= m["median_us"] <= m["max_us"]
+    return lines, measurements
+
+
+def _check_paste(res):
+    v = {}
+    for line in res["paste"]["torchtitan_turbo"].splitlines():
+        if line.startswith("#") or "=" not in line:
+            continue
+        name, _, rhs = line.partition("=")
+        v[name.strip()] = ast.literal_eval(rhs.strip())
+    best = res["best"]
+    assert v["turbo_deepep_num_cus"] == best["num_sms"]
+    for op in ("dispatch", "combine"):
+        t = v[f"turbo_deepep_{op}_tuned_config"]
+        assert t[:2] == (best[op]["nvl_chunk"], best[op]["nvl_buffer"])
+        assert config_ctor_error(v["turbo_deepep_num_cus"], *t) is None
+
+
+def _check_results_common(res, ep, backend, mode, log):
+    assert res["ep_size"] == ep and res["backend"] == backend and res["mode"] == mode
+    assert res["software"]["torch"] == torch.__version__
+    assert isinstance(res["hardware"], dict) and res["hardware"].get("device_name")
+    started = datetime.datetime.fromisoformat(res["started"])
+    finished = datetime.datetime.fromisoformat(res["finished"])
+    assert started <= finished
+    assert res["wall_s"] > 0
+    assert os.path.samefile(res["log"], log)
+
+    best = res["best"]
+    s = best["num_sms"]
+    for op in ("dispatch", "combine"):
+        assert best[op]["num_sms"] == s
+        assert best[op]["time_us"] > 0
+    assert best["total_us"] == pytest.approx(best["dispatch"]["time_us"] + best["combine"]["time_us"], abs=0.02)
+    for key, op in (("normal_dispatch", "dispatch"), ("normal_combine", "combine")):
+        kw = res[key]
+        assert set(kw) == CONFIG_KWARGS
+        assert kw["num_sms"] == s
+        assert (kw["num_max_nvl_chunked_send_tokens"], kw["num_max_nvl_chunked_recv_tokens"]) == (
+            best[op]["nvl_chunk"], best[op]["nvl_buffer"])
+        assert config_ctor_error(*(kw[k] for k in ("num_sms", "num_max_nvl_chunked_send_tokens",
+                                                   "num_max_nvl_chunked_recv_tokens", "num_max_rdma_chunked_send_tokens",
+                                                   "num_max_rdma_chunked_recv_tokens"))) is None
+
+    rows = res["per_num_sms"]
+    assert rows and [r["num_sms"] for r in rows] == sorted({r["num_sms"] for r in rows})
+    best_row = [r for r in rows if r["num_sms"] == s]
+    assert len(best_row) == 1
+    assert best_row[0]["dispatch"] == {k: best["dispatch"][k] for k in ("num_sms", "nvl_chunk", "nvl_buffer")}
+    assert best_row[0]["combine"] == {k: best["combine"][k] for k in ("num_sms", "nvl_chunk", "nvl_buffer")}
+    for r in rows:
+        assert r["dispatch"]["num_sms"] == r["combine"]["num_sms"] == r["num_sms"]
+        assert r["total_us"] >= best["total_us"] - 0.02  # the pick is the fastest row
+    _check_paste(res)
+
+
+# --- reference backend, EP4, quick --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e_ref") / "out"
+    p = run_launch(["4", "quick", "--backend", "reference", "--num-tokens", "64", "--hidden", "256",
+                    "--num-experts", "16", "--num-topk", "4", "--iters", "3", "--warmup", "1", "--out-dir", str(out)],
+                   via_run_sh=True)
+    return p, out
+
+
+def test_reference_run_succeeds_and_writes_outputs(reference_run):
+    p, out = reference_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert (out / "RESULTS_EP4_reference.json").is_file()
+    logs = glob.glob(str(out / "logs" / "tune_ep4_*.jsonl"))
+    assert len(logs) == 1
+    assert os.listdir(out / "logs") == [os.path.basename(logs[0])]
+    assert "turbo_deepep_num_cus" in p.stdout  # the summary is printed
+
+
+def test_reference_results(reference_run):
+    p, out = reference_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((out / "RESULTS_EP4_reference.json").read_text())
+    log = glob.glob(str(out / "logs" / "tune_ep4_*.jsonl"))[0]
+    _check_results_common(res, 4, "reference", "quick", log)
+    assert res["workload"] == REF_WORKLOAD
+
+    lines, measurements = _check_log(log)
+    assert res["num_measurements"] == len(measurements)
+    assert res["best"]["num_sms"] <= 32  # the reference sweeps a 32-SM grid
+
+    bases = res["baselines"]
+    for name in ("deepep_default", "community_24_8_256"):
+        b = bases[name]
+        assert "skipped" not in b, b
+        assert b["dispatch_us"] > 0 and b["combine_us"] > 0
+        assert b["total_us"] == pytest.approx(b["dispatch_us"] + b["combine_us"], abs=0.02)
+        assert b["speedup"] == pytest.approx(b["total_us"] / res["best"]["total_us"], rel=2e-3, abs=2e-3)
+    assert bases["deepep_default"]["dispatch"] == {"num_sms": res["best"]["num_sms"], "nvl_chunk": 6, "nvl_buffer": 256}
+    assert bases["deepep_default"]["combine"] == {"num_sms": res["best"]["num_sms"], "nvl_chunk": 9, "nvl_buffer": 256}
+    assert bases["community_24_8_256"]["dispatch"] == {"num_sms": 24, "nvl_chunk": 8, "nvl_buffer": 256}
+
+    # NVL bytes for the chosen configs, from DeepEP's host asserts
+    d, c = res["best"]["dispatch"], res["best"]["combine"]
+    need_d = _dispatch_bytes(d["num_sms"], 4, d["nvl_buffer"], 256 * 2, 4)
+    need_c = _combine_bytes(c["num_sms"], 4, c["nvl_buffer"], 256, 4)
+    nb = res["nvl_buffer_bytes"]
+    assert nb["dispatch"] == need_d and nb["combine"] == need_c
+    assert nb["num_nvl_bytes"] >= max(need_d, need_c) and nb["num_nvl_bytes"] % 128 == 0
+    assert nb["num_nvl_bytes"] - max(need_d, need_c) < 128
+    assert str(nb["num_nvl_bytes"]) in res["paste"]["torchtitan_turbo"]
+
+
+def test_reference_log(reference_run):
+    p, out = reference_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = glob.glob(str(out / "logs" / "tune_ep4_*.jsonl"))[0]
+    lines, measurements = _check_log(log)
+    header = lines[0]
+    assert header["ep_size"] == 4 and header["backend"] == "reference" and header["mode"] == "quick"
+    assert header["workload"] == REF_WORKLOAD
+    assert lines[-1]["event"] == "done"
+    starts = [x for x in lines if x.get("event") == "start"]
+    assert len(starts) == len(measurements)  # every measurement was announced before it ran
+    assert all(m["status"] == "ok" for m in measurements)  # the reference accepts every swept config
+    contents = read_log(log)
+    assert contents.finished and not contents.dangling and contents.truncated_line is None
+    assert len(contents.measurements) == len(measurements)
+    # the quick search measured far fewer configs than the grid holds
+    res = json.loads((out / "RESULTS_EP4_reference.json").read_text())
+    assert len(measurements) < res["space"]["num_configs"] / 2
+
+
+def test_reference_log_can_be_replayed(reference_run):
+    p, out = reference_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = glob.glob(str(out / "logs" / "tune_ep4_*.jsonl"))[0]
+    _, measurements = _check_log(log)
+    first = {}
+    for m in measurements:
+        first.setdefault((m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]), m["time_us"])
+    b = ReplayBackend(log)
+    assert b.space().size() == len(first)
+    for (op, s, c, bb), t in first.items():
+        assert b.measure(op, TuneConfig(s, c, bb), 0, 1).samples_us[0] == t
+
+
+# --- replay backend, EP2, full ------------------------------------------------------------------------------------
+
+R_SMS, R_DCH, R_CCH, R_BUF = (4, 8, 16, 20, 24), (4, 6, 8, 24), (4, 8, 10), (128, 256)
+
+
+def _replay_landscape(path):
+    rnd = random.Random(2024)
+    d_off = {4: 30.0, 8: 0.0, 16: 12.0, 20: 20.0, 24: 25.0}
+    c_off = {4: 60.0, 8: 45.0, 16: 0.0, 20: 5.0, 24: 9.0}
+    return write_landscape(path, lambda op, s, c, b: round(
+        (50.0 + d_off[s] if op == "dispatch" else 30.0 + c_off[s]) + rnd.uniform(0.0, 20.0), 3),
+        list(grid_points(R_SMS, R_DCH, R_CCH, R_BUF)))
+
+
+@pytest.fixture(scope="module")
+def replay_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e_replay")
+    land = base / "landscape.jsonl"
+    truth = _replay_landscape(land)
+    out = base / "out"
+    p = run_launch(["2", "full", "--backend", "replay", "--replay", str(land), "--out-dir", str(out)], via_run_sh=True)
+    return p, out, land, truth
+
+
+def test_replay_run_finds_known_optimum(replay_run):
+    p, out, land, truth = replay_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((out / "RESULTS_EP2_replay.json").read_text())
+    logs = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))
+    assert len(logs) == 1
+    _check_results_common(res, 2, "replay", "full", logs[0])
+    s, dkey, ckey, total = brute_force_optimum(truth)
+    best = res["best"]
+    assert best["num_sms"] == s
+    assert (best["dispatch"]["nvl_chunk"], best["dispatch"]["nvl_buffer"]) == dkey[2:]
+    assert (best["combine"]["nvl_chunk"], best["combine"]["nvl_buffer"]) == ckey[2:]
+    assert best["dispatch"]["time_us"] == pytest.approx(truth[dkey], abs=0.01)
+    assert best["combine"]["time_us"] == pytest.approx(truth[ckey], abs=0.01)
+    assert best["total_us"] == pytest.approx(total, abs=0.02)
+    # full mode: every config of the landscape was measured
+    _, measurements = _check_log(logs[0])
+    assert {(m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]) for m in measurements} == set(truth)
+    assert res["num_measurements"] == len(measurements)
+    # baselines come straight from the landscape (EP2 table: dispatch (24, 256), combine (10, 256))
+    bases = res["baselines"]
+    exp = {"deepep_default": (("dispatch", s, 24, 256), ("combine", s, 10, 256)),
+           "deepep_default_20sms": (("dispatch", 20, 24, 256), ("combine", 20, 10, 256)),
+           "community_24_8_256": (("dispatch", 24, 8, 256), ("combine", 24, 8, 256))}
+    for name, (dk, ck) in exp.items():
+        b = bases[name]
+        assert b["dispatch_us"] == pytest.approx(truth[dk], abs=0.01)
+        assert b["combine_us"] == pytest.approx(truth[ck], abs=0.01)
+        assert b["speedup"] == pytest.approx((truth[dk] + truth[ck]) / total, abs=1e-3)
+        assert b["speedup"] >= 1.0
+
+
+# --- relaunch after a crashed rank ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crash_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e_crash")
+    land = base / "landscape.jsonl"
+    truth = _replay_landscape(land)
+    s, dkey, ckey, _ = brute_force_optimum(truth)
+    out = base / "out"
+    # rank 1 aborts (like a device trap) while measuring the optimal dispatch config
+    p = run_launch(["2", "full", "--backend", "replay", "--replay", str(land), "--out-dir", str(out)],
+                   env_extra={"DEEPEP_TUNE_INJECT": f"abort@dispatch:{s},{dkey[2]},{dkey[3]}@1"}, via_run_sh=True)
+    return p, out, truth, dkey
+
+
+def test_crashed_rank_is_relaunched_and_config_recorded(crash_run):
+    p, out, truth, dkey = crash_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "relaunching" in p.stderr
+    logs = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))
+    assert len(logs) == 1  # the relaunch resumed the same log
+    lines, measurements = _check_log(logs[0], keys={"op", "num_sms", "nvl_chunk", "nvl_buffer", "time_us", "status"})
+    crashed = [m for m in measurements if m["status"] == "crashed"]
+    assert [(m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]) for m in crashed] == [dkey]
+    assert crashed[0]["time_us"] is None
+    assert sum(1 for x in lines if x.get("event") == "resume") == 1
+    assert read_log(logs[0]).finished
+    res = json.loads((out / "RESULTS_EP2_replay.json").read_text())
+    assert res["resumed"] is True
+    assert res["num_measurements"] == len(measurements)
+    best = res["best"]
+    assert ("dispatch", best["num_sms"], best["dispatch"]["nvl_chunk"], best["dispatch"]["nvl_buffer"]) != dkey
+    rest = dict(truth)
+    del rest[dkey]
+    s2, d2, c2, total2 = brute_force_optimum(rest)
+    assert (best["num_sms"], best["dispatch"]["nvl_chunk"], best["dispatch"]["nvl_buffer"]) == (s2, *d2[2:])
+    assert best["total_us"] == pytest.approx(total2, abs=0.02)
+    # measurements of the first launch were kept, not repeated
+    ok_keys = [(m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]) for m in measurements if m.get("role") == "search"]
+    assert len(ok_keys) == len(set(ok_keys)) == len(truth)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the 'crashed' measurement lines written on resume lack median_us/"
+                                       "min_us/max_us, unlike every other measurement line")
+def test_crashed_record_has_the_measurement_schema(crash_run):
+    p, out, truth, dkey = crash_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))[0]
+    _check_log(log)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: resuming a log whose last line was cut off appends the next record to "
+                                       "the partial line, so the log is unreadable afterwards (LogError)")
+def test_resume_after_cut_off_line_keeps_log_readable(replay_run, tmp_path):
+    p, out, land, truth = replay_run
+    assert p.returncode == 0, p.stderr[-4000:]
+    src = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))[0]
+    out2 = tmp_path / "out"
+    os.makedirs(out2 / "logs")
+    log = out2 / "logs" / os.path.basename(src)
+    lines = open(src).read().splitlines(keepends=True)
+    keep = lines[: len(lines) // 2]
+    keep[-1] = keep[-1][: len(keep[-1]) // 2]  # killed mid-write
+    log.write_text("".join(keep))
+    assert read_log(str(log)).truncated_line == len(keep)
+    p2 = run_launch(["2", "full", "--backend", "replay", "--replay", str(land), "--out-dir", str(out2),
+                     "--resume", str(log)], via_run_sh=True)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    contents = read_log(str(log))  # must still parse: the cut-off fragment may be dropped, not merged
+    assert contents.finished and contents.resumes == 1
