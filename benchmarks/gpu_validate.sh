@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation runs (see ../shared/device/README.md). Usage on the GPU machine:
 #   bash benchmarks/gpu_validate.sh OUTDIR RUN [RUN...]
-# where RUN is ranks:mode[:extra flags, comma-separated]; each run's output goes to OUTDIR/<n>_ep<ranks>_<mode>.
+# where RUN is ranks:mode[:extra flags with + for spaces]; each run goes to OUTDIR/<n>_ep<ranks>_<mode>.
 set -u
 out=${1:?outdir}; shift
 source .whl/gpu_env.sh
@@ -11,7 +11,7 @@ for spec in "$@"; do
   i=$((i + 1))
   IFS=: read -r ranks mode extra <<<"$spec"
   d=$out/${i}_ep${ranks}_${mode}
-  flags=${extra//,/ }
+  flags=${extra//+/ }
   echo "=== ./run.sh $ranks $mode --colocate $flags --out-dir $d"
   start=$(date +%s%N)
   timeout 300 ./run.sh "$ranks" "$mode" --colocate $flags --out-dir "$d" > "$d.out" 2>&1

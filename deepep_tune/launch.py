@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from .logio import LogError, log_path, new_run_id, newest_unfinished, read_log
 from .models import list_models
@@ -17,6 +18,7 @@ from .options import OptionsError, build_parser, drop_options, gpu_error, option
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
+STARTUP_WAITS, STARTUP_WAIT_S, RELAUNCH_PAUSE_S = 3, 10, 5
 USAGE = "usage: ./run.sh [ranks: 2|4|8, default all GPUs] [quick|full] [tuner flags, see --help]"
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     child: subprocess.Popen | None = None
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    attempt, before = 0, -1
+    attempt, before, startup_waits = 0, -1, 0
     while True:
         cmd = torchrun_cmd(ranks, args)
         print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -134,9 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         now = _progress(path)
         if now <= before or now < 0:
+            # Right after a rank died with a kernel in flight, the GPU (the MPS server above all) can refuse
+            # new contexts for a few seconds ("device busy or unavailable"): give it time before giving up.
+            if attempt and startup_waits < STARTUP_WAITS:
+                startup_waits += 1
+                print(f"[run] start-up failed right after a crash; waiting {STARTUP_WAIT_S} s for the GPU to "
+                      f"recover ({startup_waits}/{STARTUP_WAITS})", file=sys.stderr, flush=True)
+                time.sleep(STARTUP_WAIT_S)
+                continue
             print("error: the tuner failed outside a measurement (see the messages above); not relaunching",
                   file=sys.stderr)
             return rc or 1
+        startup_waits = 0
         attempt += 1
         if attempt > retries:
             print(f"error: gave up after {retries} relaunches; the log {path} keeps every measurement. "
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run] a rank died or hung (exit {rc}); relaunching to resume {path} "
               f"(attempt {attempt}/{retries})", file=sys.stderr, flush=True)
         args = drop_options(args, ("--resume",)) + ["--resume", path]
+        time.sleep(RELAUNCH_PAUSE_S)
 
 
 if __name__ == "__main__":

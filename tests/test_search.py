@@ -358,3 +358,50 @@ def test_baselines_skipped_beyond_sms_cap(coupled_landscape):
     by = {b.name: b for b in bases}
     assert by["community_24_8_256"].skipped and "16" in by["community_24_8_256"].skipped
     assert not any(r["num_sms"] > 16 for r in meas.records)
+
+
+# --- SM-budget advice and one config for several token counts ---------------------------------------------------
+
+def _rows(totals):
+    return [SmsRow(s, TuneConfig(s, 2, 128), t / 2, TuneConfig(s, 1, 128), t / 2) for s, t in totals.items()]
+
+
+@pytest.mark.parametrize("tol,max_sms,expect", [
+    (0.05, None, 16),   # 16 is within 5 % of the fastest (24), 8 is not
+    (0.0, None, 24),
+    (0.5, None, 8),
+    (0.05, 16, 16),     # budget 16: fastest allowed is 16 itself
+    (0.3, 12, 8),       # budget 12: fastest allowed is 8
+])
+def test_sm_advice(tol, max_sms, expect):
+    from deepep_tune.search import sm_advice
+    rows = _rows({8: 130.0, 16: 104.0, 24: 100.0, 32: 101.0})
+    adv = sm_advice(rows, tol, max_sms)
+    assert adv.num_sms == expect
+    best = pick(rows, max_sms)
+    assert adv.num_sms <= best.num_sms and adv.total_us <= best.total_us * (1 + tol)
+
+
+def test_sm_advice_never_suggests_more_sms():
+    from deepep_tune.search import sm_advice
+    rows = _rows({8: 100.0, 16: 100.5, 24: 99.0})
+    assert sm_advice(rows, 0.05).num_sms == 8
+    assert sm_advice([], 0.05) is None
+
+
+def test_choose_overall_minimises_mean_relative_loss():
+    from deepep_tune.search import choose_overall
+    a = (TuneConfig(8, 2, 128), TuneConfig(8, 1, 128))
+    b = (TuneConfig(20, 4, 256), TuneConfig(20, 2, 256))
+    c = (TuneConfig(16, 4, 256), TuneConfig(16, 2, 256))
+    best_at = {64: 128.0, 128: 256.0, 256: 512.0}
+    totals = {a: {64: 128.0, 128: 384.0, 256: 768.0},   # losses 0, .5, .5
+              b: {64: 192.0, 128: 256.0, 256: 512.0},   # .5, 0, 0
+              c: {64: 160.0, 128: 288.0, 256: 512.0}}   # .25, .125, 0  <- smallest mean
+    cand, losses = choose_overall(totals, best_at)
+    assert cand == c
+    assert losses == {64: 0.25, 128: 0.125, 256: 0.0}
+    # a tie goes to fewer SMs
+    totals[a] = {64: 128.0, 128: 320.0, 256: 576.0}     # 0, .25, .125: same mean as c
+    cand, _ = choose_overall(totals, best_at)
+    assert cand == a
