@@ -28,6 +28,10 @@ def plot_sms(size_res: dict[str, Any], title: str, path: str) -> None:
                         textcoords="offset points", xytext=(6, 6), fontsize=8)
     best = size_res["best"]
     ax.plot([best["num_sms"]], [best["total_us"]], "r*", markersize=14, label="tuned pick")
+    probes = [r for r in rows if r.get("configs_measured", 99) <= 4]
+    if probes:
+        ax.plot([r["num_sms"] for r in probes], [r["total_us"] for r in probes], "o", mfc="white", mec="gray",
+                markersize=9, label="probe only (quick: <= 2 configs per op, an upper bound)")
     ax.set_xlabel("num_sms (SMs given to DeepEP; channels = num_sms / 2)")
     ax.set_ylabel("time per call (us), slowest rank")
     ax.set_title(title, fontsize=10)

@@ -21,9 +21,9 @@ def size_tables(sec: dict[str, Any], best_sms: int) -> list[str]:
     for r in sec["per_num_sms"]:
         mark = "<- best" if r["num_sms"] == best_sms else ""
         rows.append([r["num_sms"], _cfg(r["dispatch"]), _us(r["dispatch_us"]), _cfg(r["combine"]), _us(r["combine_us"]),
-                     _us(r["total_us"]), mark])
+                     _us(r["total_us"]), r.get("configs_measured", ""), mark])
     out = [tabulate(rows, headers=["num_sms", "dispatch (chunk, buf)", "dispatch us", "combine (chunk, buf)",
-                                   "combine us", "total us", ""], tablefmt="simple"), ""]
+                                   "combine us", "total us", "configs", ""], tablefmt="simple"), ""]
     brows = []
     for name, b in sec["baselines"].items():
         if "skipped" in b:

@@ -85,7 +85,7 @@ class Baseline:
 def _row(r: SmsRow) -> dict[str, Any]:
     return {"num_sms": r.num_sms, "dispatch": r.dispatch.as_dict() if r.dispatch else None,
             "dispatch_us": _r(r.dispatch_us), "combine": r.combine.as_dict() if r.combine else None,
-            "combine_us": _r(r.combine_us), "total_us": _r(r.total_us)}
+            "combine_us": _r(r.combine_us), "total_us": _r(r.total_us), "configs_measured": r.measured}
 
 
 def _r(x: float | None) -> float | None:

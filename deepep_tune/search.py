@@ -33,6 +33,7 @@ class SmsRow:
     dispatch_us: float
     combine: TuneConfig | None
     combine_us: float
+    measured: int = 0  # configs measured at this num_sms (both ops): quick probes most num_sms with 1 per op
 
     @property
     def total_us(self) -> float:
@@ -59,7 +60,8 @@ def per_sms_table(obs: dict[tuple[str, TuneConfig], list[float]], space: Space) 
         d, dt = _best(times, "dispatch", s)
         c, ct = _best(times, "combine", s)
         if d is not None and c is not None:
-            rows.append(SmsRow(s, d, dt, c, ct))
+            n = sum(1 for (_, cfg) in times if cfg.num_sms == s)
+            rows.append(SmsRow(s, d, dt, c, ct, n))
     return rows
 
 

@@ -395,6 +395,10 @@ def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, 
         d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
         b.dispatch_us = d if math.isfinite(d) else None
         b.combine_us = c if math.isfinite(c) else None
+    # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick at the
+    # pick's own num_sms becomes the pick (the num_sms, and so the baselines' meaning, stays the same).
+    rows = per_sms_table(meas.observed(), space)
+    best = next(r for r in rows if r.num_sms == best.num_sms)
     return best, rows, bases
 
 
