@@ -86,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    gpus = _gpu_count() if o.backend == "deepep" else 0
     if ranks is None:
-        ranks = _gpu_count() if o.backend == "deepep" else 2
-    err = options_error(o, ranks)
+        ranks = gpus if o.backend == "deepep" else 2
+    # With no GPU and no rank count, say what is missing (deep_ep, a GPU), not "0 ranks".
+    err = options_error(o, ranks or 2) if ranks == 0 else options_error(o, ranks)
     if not err and o.backend == "deepep":
-        err = gpu_error(o, ranks, _gpu_count())
+        err = gpu_error(o, ranks, gpus)
+    if not err and o.resume == "" and newest_unfinished(o.out_dir, ranks) is None:
+        err = (f"--resume: no unfinished EP{ranks} run under {os.path.join(o.out_dir, 'logs')}; "
+               "start a new run without --resume")
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -117,6 +117,13 @@ def read_log(path: str) -> LogContents:
     return out
 
 
+def drop_partial_line(path: str) -> None:
+    """Cut a log back to its last complete line, so appended records start on a line of their own."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 def newest_unfinished(out_dir: str, ep_size: int) -> str | None:
     paths = sorted(glob.glob(os.path.join(out_dir, "logs", f"tune_ep{ep_size}_*.jsonl")), key=os.path.getmtime, reverse=True)
     for p in paths:

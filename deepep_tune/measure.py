@@ -139,5 +139,12 @@ class Measurer:
         return rec
 
 
+def crashed_record(measure: dict[str, Any], seq: int, error: str) -> dict[str, Any]:
+    """The measurement line for a config whose measurement never finished (a rank died or hung)."""
+    return {**{k: v for k, v in measure.items() if k != "role"}, "time_us": None, "median_us": None,
+            "max_rank_median_us": None, "min_us": None, "max_us": None, "rank0_median_us": None, "iters": None,
+            "status": "crashed", "error": error, "role": measure.get("role"), "seq": seq, "t": time.time()}
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None

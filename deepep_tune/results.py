@@ -105,11 +105,9 @@ class SizeOutcome:
     a2a: dict[str, Any] | None = None
 
 
-def size_section(o: SizeOutcome) -> dict[str, Any]:
-    best = o.best
-    assert best.dispatch is not None and best.combine is not None
+def baselines_section(baselines: list[Baseline], best_total_us: float) -> dict[str, Any]:
     base_out = {}
-    for b in o.baselines:
+    for b in baselines:
         entry: dict[str, Any] = {"description": b.description, "dispatch": b.dispatch.as_dict(),
                                  "combine": b.combine.as_dict()}
         if b.skipped:
@@ -117,8 +115,15 @@ def size_section(o: SizeOutcome) -> dict[str, Any]:
         else:
             total = b.total_us
             entry.update(dispatch_us=_r(b.dispatch_us), combine_us=_r(b.combine_us), total_us=_r(total),
-                         speedup=round(total / best.total_us, 3) if total is not None and math.isfinite(total) else None)
+                         speedup=round(total / best_total_us, 3) if total is not None and math.isfinite(total) else None)
         base_out[b.name] = entry
+    return base_out
+
+
+def size_section(o: SizeOutcome) -> dict[str, Any]:
+    best = o.best
+    assert best.dispatch is not None and best.combine is not None
+    base_out = baselines_section(o.baselines, best.total_us)
     out: dict[str, Any] = {
         "num_tokens": o.workload.num_tokens,
         "best": {
@@ -141,9 +146,10 @@ def size_section(o: SizeOutcome) -> dict[str, Any]:
 
 def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome],
                   overall: tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]] | None,
-                  advice: dict[str, Any] | None) -> dict[str, Any]:
+                  advice: dict[str, Any] | None, overall_baselines: list[Baseline] | None = None) -> dict[str, Any]:
     """Top level: the answer (normal_dispatch/normal_combine, paste targets) and the first token count's
-    tables; per_num_tokens and best.by_num_tokens when several token counts were tuned."""
+    tables, with baselines compared against the answer; per_num_tokens (each size against its own best)
+    and best.by_num_tokens when several token counts were tuned."""
     primary = size_section(sizes[0])
     w = sizes[0].workload
     if overall is None:
@@ -157,6 +163,8 @@ def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome
         first = by_size[w.num_tokens]
         best["dispatch"]["time_us"], best["combine"]["time_us"] = first["dispatch_us"], first["combine_us"]
         best["total_us"] = first["total_us"]
+        if overall_baselines is not None:
+            primary["baselines"] = baselines_section(overall_baselines, first["total_us"])
     assert disp is not None and comb is not None
     nvl = nvl_bytes_needed(disp, comb, w, ep_size)
     hb = w.hidden * max(w.elem_size, 2)

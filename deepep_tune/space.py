@@ -119,7 +119,7 @@ def mode_axes(mode: str, sms_cap: int) -> Axes:
     del mode  # both modes cover one grid; the search strategy is what differs
     small = list(range(4, 33, 4))
     large = list(range(40, sms_cap + 1, 8))
-    sms = sorted({s for s in small + large if s <= sms_cap} | ({sms_cap} if sms_cap >= 4 else set()))
+    sms = sorted({s for s in small + large if s <= sms_cap} | ({sms_cap} if sms_cap >= 2 else set()))
     return Axes(
         sms=tuple(sms),
         dispatch_chunks=tuple(range(2, 33, 2)),

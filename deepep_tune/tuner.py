@@ -19,11 +19,11 @@ import torch.distributed as dist
 from . import __version__
 from .backends.base import Backend
 from .models import list_models
-from .logio import LogError, LogWriter, log_path, new_run_id, newest_unfinished, read_log
+from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
 from .a2a import time_all_to_all
 from .faults import extra_configs
 from .consumers import torchtitan_turbo_text
-from .measure import ContextLost, MeasureSettings, Measurer, Sequence
+from .measure import ContextLost, MeasureSettings, Measurer, Sequence, crashed_record
 from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error,
                       options_from_args)
 from .render import summary
@@ -36,7 +36,8 @@ from .routing import traffic
 EXIT_BAD_INPUT = 2
 EXIT_CONTEXT_LOST = 3
 EXIT_INTERRUPTED = 130
-REFERENCE_SMS_CAP = 32  # the reference backend has no SMs; sweep the grid of a small co-located GPU
+REFERENCE_SMS_CAP = 32
+CRASHED = "a rank died or hung during this measurement (device trap, abort, or the hang watchdog)"  # the reference backend has no SMs; sweep the grid of a small co-located GPU
 
 
 class UsageError(Exception):
@@ -68,6 +69,8 @@ class Run:
         self.backend: Any = None
         self.nccl: Any = None
         self.measurers: dict[int, Measurer] = {}
+        self.sms_cap: int | None = None
+        self.overall_baselines: list[Baseline] | None = None
 
     # setup ------------------------------------------------------------------------------------
     def resume_state(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -107,7 +110,8 @@ class Run:
         if log.finished:
             raise UsageError(f"--resume {path}: that run already finished")
         if log.truncated_line:
-            _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); ignoring it")
+            drop_partial_line(path)
+            _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); dropped it")
         return path, log.measurements, log.dangling
 
     def make_backend(self, space_for: "callable") -> tuple[Backend, Space, int, dict[str, Any]]:
@@ -174,10 +178,10 @@ class Run:
             raise UsageError("the search space is empty: raise --max-sms or --max-buffer-gb")
         space = with_extra_configs(space)
         hw = {**self.backend.describe(), **info}
+        self.sms_cap = info.get("sms_cap")
         self.open_log(path, prior, dangling, hw)
         for d in dangling:  # every rank knows the crashed configs: they are results too
-            prior.append({**{k: d["measure"][k] for k in d["measure"] if k != "role"}, "time_us": None,
-                          "status": "crashed", "seq": d["seq"]})
+            prior.append(crashed_record(d["measure"], d["seq"], CRASHED))
         prior.sort(key=lambda r: r.get("seq", 0))
         seq = Sequence(max((r.get("seq", 0) for r in prior), default=0))
         bar = self._progress(space)
@@ -215,7 +219,7 @@ class Run:
             "log": path,
         }
         res = build_results(meta=meta, ep_size=self.world, sizes=outcomes, overall=overall,
-                            advice=self.advice(advice_row, outcomes[0]))
+                            advice=self.advice(advice_row, outcomes[0]), overall_baselines=self.overall_baselines)
         if self.rank == 0:
             self.write_outputs(res, measurers[first], outcomes)
         return res
@@ -233,10 +237,7 @@ class Run:
                             "hardware": hw, "started": _now()})
             return
         for d in dangling:
-            m = d["measure"]
-            self.log.write({**{k: m[k] for k in m}, "time_us": None, "status": "crashed",
-                            "error": "a rank died or hung during this measurement (device trap, abort or "
-                                     f"watchdog after {o.timeout_s} s)", "seq": d["seq"], "t": time.time()})
+            self.log.write(crashed_record(d["measure"], d["seq"], f"{CRASHED} (watchdog: {o.timeout_s} s)"))
         self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
         _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
 
@@ -254,6 +255,13 @@ class Run:
                 totals[(d, c)][n], parts[(d, c)][n] = td + tc, (td, tc)
         best_at = {oc.workload.num_tokens: oc.best.total_us for oc in outcomes}
         (d, c), losses = choose_overall(totals, best_at)
+        # The top level describes the recommended config at the first token count: baselines there again,
+        # at the recommended num_sms ("DeepEP's default at the tuned num_sms").
+        first = outcomes[0]
+        self.backend.prepare(first.workload)
+        self.overall_baselines = measure_baselines(measurers[first.workload.num_tokens],
+                                                   make_baselines(self.world, d.num_sms), self.sms_cap,
+                                                   getattr(self.backend, "has", None))
         by_size = {n: {"dispatch_us": round(parts[(d, c)][n][0], 2), "combine_us": round(parts[(d, c)][n][1], 2),
                        "total_us": round(totals[(d, c)][n], 2), "loss_pct": round(100 * losses[n], 2)}
                    for n in best_at}
@@ -373,6 +381,21 @@ def make_baselines(ep_size: int, best_sms: int) -> list[Baseline]:
     ]
 
 
+def measure_baselines(meas: Measurer, bases: list[Baseline], sms_cap: int | None,
+                      has: Callable[[str, TuneConfig], bool] | None) -> list[Baseline]:
+    for b in bases:
+        if sms_cap is not None and b.dispatch.num_sms > sms_cap:
+            b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {sms_cap}"
+            continue
+        if has is not None and not (has("dispatch", b.dispatch) and has("combine", b.combine)):
+            b.skipped = "not in the replayed landscape"
+            continue
+        d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
+        b.dispatch_us = d if math.isfinite(d) else None
+        b.combine_us = c if math.isfinite(c) else None
+    return bases
+
+
 def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, max_sms: int | None,
                          sms_cap: int | None, has: Callable[[str, TuneConfig], bool] | None = None,
                          ) -> tuple[SmsRow, list[SmsRow], list[Baseline]]:
@@ -384,17 +407,7 @@ def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, 
     best = pick(rows, max_sms)
     if best is None:
         raise UsageError("every config failed; see the log for the errors")
-    bases = make_baselines(ep_size, best.num_sms)
-    for b in bases:
-        if sms_cap is not None and b.dispatch.num_sms > sms_cap:
-            b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {sms_cap}"
-            continue
-        if has is not None and not (has("dispatch", b.dispatch) and has("combine", b.combine)):
-            b.skipped = "not in the replayed landscape"
-            continue
-        d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
-        b.dispatch_us = d if math.isfinite(d) else None
-        b.combine_us = c if math.isfinite(c) else None
+    bases = measure_baselines(meas, make_baselines(ep_size, best.num_sms), sms_cap, has)
     # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick at the
     # pick's own num_sms becomes the pick (the num_sms, and so the baselines' meaning, stays the same).
     rows = per_sms_table(meas.observed(), space)
