@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 
-from .logio import LogError, log_path, new_run_id, newest_unfinished, read_log
+from .logio import LogError, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
-from .options import OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args
+from .options import Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
@@ -49,6 +49,18 @@ def _finished(path: str) -> bool:
         return read_log(path).finished
     except (LogError, FileNotFoundError):
         return False
+
+
+def _file_error(o: Options) -> str | None:
+    """A foreign or unreadable --resume log or --replay landscape is refused before any rank starts."""
+    try:
+        if o.resume:
+            read_log(o.resume)
+        if o.replay:
+            read_landscape(o.replay)
+    except LogError as e:
+        return str(e)
+    return None
 
 
 def _append_event(path: str, rec: dict) -> None:
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     err = options_error(o, ranks or 2) if ranks == 0 else options_error(o, ranks)
     if not err and o.backend == "deepep":
         err = gpu_error(o, ranks, gpus)
+    if not err:
+        err = _file_error(o)
     if not err and o.resume == "" and newest_unfinished(o.out_dir, ranks) is None:
         err = (f"--resume: no unfinished EP{ranks} run under {os.path.join(o.out_dir, 'logs')}; "
                "start a new run without --resume")

@@ -167,7 +167,7 @@ class Run:
         err = None
         try:
             self.backend, space, pruned, info = self.make_backend(space_for)
-        except UsageError as e:
+        except (UsageError, LogError) as e:
             err = str(e)
         except ImportError as e:
             err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
