@@ -140,3 +140,52 @@ def test_space_configs_pass_config_ctor():
         if config_error(cfg) is None:
             kw = cfg.config_kwargs()
             assert config_ctor_error(*(kw[k] for k in CONFIG_KWARGS)) is None
+
+
+# --- buffer size hint and the Python patch -------------------------------------------------------------------
+
+def _deepep_nvl_hint(num_sms, nvl_recv, hidden_bytes, num_ranks, source_meta_bytes=8):
+    """Config::get_nvl_buffer_size_hint (csrc/config.hpp) for an NVSHMEM build, intranode (<= 8 ranks)."""
+    k_topk, k_scales = 128, 128
+    rdma, nvl, ch = max(num_ranks // 8, 1), min(num_ranks, 8), num_sms // 2
+    n = 0
+    n += ch * nvl * (2 * rdma + 3) * 4
+    n += ch * nvl * nvl_recv * hidden_bytes
+    n += ch * nvl * nvl_recv * source_meta_bytes
+    n += ch * nvl * nvl_recv * k_topk * 8
+    n += ch * nvl * nvl_recv * k_topk * 4
+    n += ch * nvl * nvl_recv * k_scales * 4
+    return (n + 127) // 128 * 128
+
+
+@pytest.mark.parametrize("cfg,hidden,ranks", [
+    (TuneConfig(24, 8, 256), 7168, 8), (TuneConfig(20, 6, 256), 4096, 4), (TuneConfig(2, 1, 128), 256, 2),
+    (TuneConfig(132, 32, 512), 8176, 8),
+])
+def test_nvl_size_hint_matches_deepep(cfg, hidden, ranks):
+    from deepep_tune.consumers import nvl_size_hint
+    from deepep_tune.space import combine_nvl_bytes, dispatch_nvl_bytes
+    hb = hidden * 2
+    hint = nvl_size_hint(cfg, hb, ranks)
+    assert hint == _deepep_nvl_hint(cfg.num_sms, cfg.nvl_buffer, hb, ranks)
+    # it is an upper bound of what intranode dispatch and combine need (top-k <= 128)
+    for topk in (1, 8, 32):
+        assert dispatch_nvl_bytes(cfg, ranks, hb, topk, 0) <= hint
+        assert dispatch_nvl_bytes(cfg, ranks, hidden, topk, hidden // 128) <= hint
+        assert combine_nvl_bytes(cfg, ranks, hidden, topk) <= hint
+
+
+def test_python_patch_text():
+    from deepep_tune.consumers import python_patch_text
+    d, c = TuneConfig(24, 8, 256), TuneConfig(24, 4, 384)
+    text = python_patch_text(d, c, 8)
+    compile(text, "<patch>", "exec")  # valid Python
+    assert "set_num_sms(24)" in text
+    calls = [ast.literal_eval(line.split("deep_ep.Config", 1)[1].split(" if ")[0])
+             for line in text.splitlines() if "deep_ep.Config(" in line]
+    assert calls == [tuple(d.config_kwargs().values()), tuple(c.config_kwargs().values())]
+    for args in calls:
+        assert config_ctor_error(*args) is None
+    assert "n == 8" in text
+    with pytest.raises(ValueError):
+        python_patch_text(TuneConfig(24, 256, 256), c, 8)

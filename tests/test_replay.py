@@ -176,3 +176,25 @@ def test_replay_of_bad_file_is_logerror(tmp_path):
     p.write_text("not json\n")
     with pytest.raises(LogError):
         ReplayBackend(str(p))
+
+
+def test_records_per_token_count(tmp_path):
+    """Records naming num_tokens answer only for that token count; untagged ones for every count."""
+    from deepep_tune.workload import Workload
+    p = tmp_path / "multi.jsonl"
+    recs = [{"num_tokens": 64, "op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 10.0},
+            {"num_tokens": 128, "op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 20.0},
+            {"num_tokens": 128, "op": "dispatch", "num_sms": 8, "nvl_chunk": 6, "nvl_buffer": 128, "time_us": 21.0},
+            {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": 5.0}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    b = ReplayBackend(str(p))
+    cfg = TuneConfig(8, 4, 128)
+    b.prepare(Workload(num_tokens=64))
+    assert b.measure("dispatch", cfg, 0, 1).samples_us[0] == 10.0
+    assert not b.has("dispatch", TuneConfig(8, 6, 128))
+    assert b.measure("combine", TuneConfig(8, 1, 128), 0, 1).samples_us[0] == 5.0
+    b.prepare(Workload(num_tokens=128))
+    assert b.measure("dispatch", cfg, 0, 1).samples_us[0] == 20.0
+    assert b.has("dispatch", TuneConfig(8, 6, 128)) and b.has("combine", TuneConfig(8, 1, 128))
+    b.prepare(Workload(num_tokens=4096))
+    assert b.space().dispatch == () and b.space().combine == (TuneConfig(8, 1, 128),)
