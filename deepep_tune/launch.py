@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 
-from .logio import LogError, log_path, new_run_id, newest_unfinished, read_landscape, read_log
+from .logio import LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
-from .options import Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args
+from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args,
+                      resume_error)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
@@ -51,13 +52,14 @@ def _finished(path: str) -> bool:
         return False
 
 
-def _file_error(o: Options) -> str | None:
-    """A foreign or unreadable --resume log or --replay landscape is refused before any rank starts."""
+def _file_error(o: Options, ranks: int, resume_path: str | None) -> str | None:
+    """A foreign, unreadable, finished or mismatched --resume log, or a bad --replay landscape, is refused
+    before any rank starts."""
     try:
-        if o.resume:
-            read_log(o.resume)
         if o.replay:
             read_landscape(o.replay)
+        if resume_path:
+            return resume_error(read_log(resume_path), o, ranks)
     except LogError as e:
         return str(e)
     return None
@@ -67,6 +69,7 @@ def _append_event(path: str, rec: dict) -> None:
     """The ranks are gone; note in their log that the run was stopped on purpose, so a resume measures the
     config in flight again instead of recording it as crashed."""
     if os.path.exists(path):
+        drop_partial_line(path)
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -105,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     err = options_error(o, ranks or 2) if ranks == 0 else options_error(o, ranks)
     if not err and o.backend == "deepep":
         err = gpu_error(o, ranks, gpus)
-    if not err:
-        err = _file_error(o)
-    if not err and o.resume == "" and newest_unfinished(o.out_dir, ranks) is None:
+    resume_path = o.resume or (newest_unfinished(o.out_dir, ranks) if o.resume == "" else None)
+    if not err and o.resume == "" and resume_path is None:
         err = (f"--resume: no unfinished EP{ranks} run under {os.path.join(o.out_dir, 'logs')}; "
                "start a new run without --resume")
+    if not err:
+        err = _file_error(o, ranks, resume_path)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.run_id is None:
             args += ["--run-id", run_id]
     else:
-        path = o.resume or newest_unfinished(o.out_dir, ranks) or ""
+        path = resume_path or ""
     interrupted = False
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
+from .logio import LogContents
 from .models import find_preset
 from .space import SUPPORTED_RANKS
 from .workload import Workload, workload_error
@@ -204,3 +205,18 @@ def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def resume_error(log: LogContents, o: Options, ep_size: int) -> str | None:
+    """Why this run may not continue that log: it finished, or it measured something else."""
+    h = log.header or {}
+    mine = {"ep_size": ep_size, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict(),
+            "token_counts": list(o.token_counts)}
+    theirs = {k: h.get(k) for k in mine}
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff:
+        return (f"--resume {log.path}: this run's {', '.join(diff)} differ from the log's "
+                f"({', '.join(f'{k}={theirs[k]}' for k in diff)}); rerun with the log's settings")
+    if log.finished:
+        return f"--resume {log.path}: that run already finished"
+    return None

@@ -177,14 +177,16 @@ def refine(oracle: Oracle, space: Space, max_sms: int | None, tolerance: float =
 STRATEGIES = {"full": full_search, "quick": quick_search}
 
 
-def sm_advice(rows: list[SmsRow], tolerance: float, max_sms: int | None = None) -> SmsRow | None:
-    """The smallest num_sms whose dispatch + combine is within `tolerance` of the fastest in the budget:
-    SMs spent on communication are taken from compute, so fewer may be worth a small slowdown."""
-    best = pick(rows, max_sms)
+def sm_advice(rows: list[SmsRow], tolerance: float, max_sms: int | None = None,
+              answer: SmsRow | None = None) -> SmsRow | None:
+    """The smallest num_sms whose dispatch + combine is within `tolerance` of the answer (by default the
+    fastest in the budget): SMs spent on communication are taken from compute, so fewer may be worth a
+    small slowdown. Never more SMs than the answer."""
+    best = answer or pick(rows, max_sms)
     if best is None:
         return None
     ok = [r for r in rows if r.num_sms <= best.num_sms and r.total_us <= best.total_us * (1 + tolerance)]
-    return min(ok, key=lambda r: r.num_sms)
+    return min(ok, key=lambda r: r.num_sms, default=best)
 
 
 Candidate = tuple[TuneConfig, TuneConfig]  # (dispatch, combine) at one num_sms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import datetime
 from dataclasses import replace
 import math
@@ -25,7 +26,7 @@ from .faults import extra_configs
 from .consumers import torchtitan_turbo_text
 from .measure import ContextLost, MeasureSettings, Measurer, Sequence, crashed_record
 from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error,
-                      options_from_args)
+                      options_from_args, resume_error)
 from .render import summary
 from .results import Baseline, SizeOutcome, build_results, nvl_bytes_needed, results_name, write_json_atomic
 from .search import STRATEGIES, SmsRow, choose_overall, mean_times, pick, per_sms_table, refine, sm_advice
@@ -99,16 +100,9 @@ class Run:
             raise UsageError(f"--resume: no unfinished EP{self.world} run under {os.path.join(o.out_dir, 'logs')}; "
                              "start a new run without --resume")
         log = read_log(path)
-        h = log.header or {}
-        mine = {"ep_size": self.world, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict(),
-                "token_counts": list(o.token_counts)}
-        theirs = {k: h.get(k) for k in mine}
-        diff = [k for k in mine if mine[k] != theirs[k]]
-        if diff:
-            raise UsageError(f"--resume {path}: this run's {', '.join(diff)} differ from the log's "
-                             f"({', '.join(f'{k}={theirs[k]}' for k in diff)}); rerun with the log's settings")
-        if log.finished:
-            raise UsageError(f"--resume {path}: that run already finished")
+        err = resume_error(log, o, self.world)
+        if err:
+            raise UsageError(err)
         if log.truncated_line:
             drop_partial_line(path)
             _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); dropped it")
@@ -203,7 +197,12 @@ class Run:
         overall = self.overall(outcomes, measurers) if len(outcomes) > 1 else None
         if bar is not None:
             bar.close()
-        advice_row = sm_advice(outcomes[0].rows, o.sm_tolerance, o.max_sms)
+        answer = outcomes[0].best
+        if overall is not None:  # the recommended config, timed at the first token count
+            d, c, by_size = overall
+            t = by_size[outcomes[0].workload.num_tokens]
+            answer = SmsRow(d.num_sms, d, t["dispatch_us"], c, t["combine_us"])
+        advice_row = sm_advice(outcomes[0].rows, o.sm_tolerance, o.max_sms, answer)
         records = [r for m in measurers.values() for r in m.records]
         meta = {
             "tool_version": __version__, "mode": o.mode, "backend": o.backend, "model": o.model,
@@ -219,7 +218,7 @@ class Run:
             "log": path,
         }
         res = build_results(meta=meta, ep_size=self.world, sizes=outcomes, overall=overall,
-                            advice=self.advice(advice_row, outcomes[0]), overall_baselines=self.overall_baselines)
+                            advice=self.advice(advice_row, answer), overall_baselines=self.overall_baselines)
         if self.rank == 0:
             self.write_outputs(res, measurers[first], outcomes)
         return res
@@ -267,18 +266,18 @@ class Run:
                    for n in best_at}
         return d, c, by_size
 
-    def advice(self, row: SmsRow | None, primary: SizeOutcome) -> dict[str, Any] | None:
+    def advice(self, row: SmsRow | None, answer: SmsRow) -> dict[str, Any] | None:
         if row is None or row.dispatch is None or row.combine is None:
             return None
         flags = drop_options(sys.argv[1:], ("--mode", "--run-id", "--resume", "--max-sms"))
-        w = primary.workload
+        w = replace(self.o.workload, num_tokens=self.o.token_counts[0])
         nvl = nvl_bytes_needed(row.dispatch, row.combine, w, self.world)
         return {
             "tolerance": self.o.sm_tolerance,
             "num_sms": row.num_sms, "dispatch": row.dispatch.as_dict(), "combine": row.combine.as_dict(),
             "total_us": round(row.total_us, 2),
-            "slower_than_best_pct": round(100 * (row.total_us / primary.best.total_us - 1), 2),
-            "sms_saved": primary.best.num_sms - row.num_sms,
+            "slower_than_best_pct": round(100 * (row.total_us / answer.total_us - 1), 2),
+            "sms_saved": answer.num_sms - row.num_sms,
             "torchtitan_turbo": torchtitan_turbo_text(row.dispatch, row.combine, nvl["num_nvl_bytes"]),
             "command": f"./run.sh {self.world} {self.o.mode} {' '.join(flags)} --max-sms {row.num_sms}".replace("  ", " "),
         }
@@ -432,6 +431,7 @@ def _now() -> str:
 
 
 _interrupt_marker: str | None = None
+_user_interrupt = False
 
 
 def interrupt_marker(log: str) -> str:
@@ -448,26 +448,27 @@ def _mark_interrupted() -> None:
 
 
 def _install_signal_handlers(rank: int) -> None:
-    """SIGINT/SIGTERM raise KeyboardInterrupt in the main thread. If the main thread is blocked in a kernel or
-    a collective and cannot get there, a helper thread ends the process after a grace period; the log is
-    flushed per line, so nothing measured is lost."""
-    def handler(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    """SIGINT/SIGTERM are taken by one thread (blocked everywhere else), which raises KeyboardInterrupt in the
+    main thread; if the main thread is blocked in a kernel or a collective and cannot get there, the process
+    ends after a grace period (the log is flushed per line, so nothing measured is lost).
+    A signal from torchrun (our parent) means a peer died or torchrun is shutting down: that is not the user
+    stopping the run, so run.sh may relaunch and the config in flight counts as crashed. Any other sender
+    (a user's kill, Ctrl-C in the terminal) marks the run as interrupted on purpose."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started later (gloo, watchdog) inherit the mask
 
-    rfd, wfd = os.pipe()
-    os.set_blocking(wfd, False)
-    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-    def grace() -> None:
-        os.read(rfd, 1)
-        _mark_interrupted()
+    def waiter() -> None:
+        global _user_interrupt
+        info = signal.sigwaitinfo(sigs)
+        if info.si_pid != os.getppid():
+            _user_interrupt = True
+            _mark_interrupted()
+        _thread.interrupt_main()
         time.sleep(5.0)
         _say(rank, "[tune] interrupted while blocked; exiting (resume with --resume)")
         os._exit(EXIT_INTERRUPTED)
 
-    threading.Thread(target=grace, daemon=True).start()
+    threading.Thread(target=waiter, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,11 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     except ContextLost as e:
         print(f"[tune] rank {rank}: {e}", file=sys.stderr, flush=True)
         code = EXIT_CONTEXT_LOST
-    except KeyboardInterrupt as e:
-        _mark_interrupted()
-        if run.log is not None:
+    except KeyboardInterrupt:
+        if _user_interrupt and run.log is not None:
             run.log.write({"event": "interrupted", "t": time.time()})
-        _say(rank, f"[tune] interrupted ({e or 'SIGINT'}); measurements so far are in the log. "
+        _say(rank, "[tune] interrupted; measurements so far are in the log. "
                    f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
         code = EXIT_INTERRUPTED
     finally:

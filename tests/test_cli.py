@@ -122,9 +122,6 @@ def test_unusable_replay_or_resume_file_is_refused(tmp_path, flag, content, word
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --resume LOG of a run that already finished is only refused by the ranks "
-                                       "after torchrun starts (exit 1 plus a torchrun traceback), although the "
-                                       "launcher reads that log before starting them")
 def test_resume_of_finished_run_is_refused_up_front(tmp_path):
     import json
     flags = ["--backend", "reference", "--num-tokens", "64", "--hidden", "256", "--num-experts", "16",

@@ -317,9 +317,6 @@ def test_crashed_rank_is_relaunched_and_config_recorded(crash_run):
     assert len(ok_keys) == len(set(ok_keys)) == len(truth)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when one rank dies while its peers wait for it, torchrun SIGTERMs the "
-                                       "survivors; their signal handler writes the '.interrupted' marker, so run.sh "
-                                       "reports 'interrupted' (exit 130) instead of relaunching")
 def test_crash_of_one_rank_while_peers_wait_is_relaunched(tmp_path):
     land = tmp_path / "landscape.jsonl"
     truth = _replay_landscape(land)
@@ -463,9 +460,6 @@ def _multi_landscape_first_prefers_more_sms(path):
                                     "time_us": float(t + (10 if op == "combine" else 0))}) + "\n")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with several token counts sm_advice is computed against the first size's "
-                                       "own best, so it can advise MORE SMs than the recommended config (num_sms 20 "
-                                       "vs 8, sms_saved 0, '--max-sms 20')")
 def test_several_token_counts_sm_advice_never_exceeds_the_answer(tmp_path):
     land = tmp_path / "multi.jsonl"
     _multi_landscape_first_prefers_more_sms(land)

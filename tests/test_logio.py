@@ -289,9 +289,6 @@ def test_drop_partial_line(tmp_path):
     assert [m["seq"] for m in log.measurements] == [1, 3] and log.truncated_line is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: launch._append_event (the 'interrupted' note run.sh adds after the ranks "
-                                       "are gone) appends to a cut-off last line, so the log can no longer be read "
-                                       "or resumed")
 def test_launcher_note_after_cut_off_line_keeps_log_readable(tmp_path):
     from deepep_tune.launch import _append_event
     p = tmp_path / "logs" / "tune_ep2_x.jsonl"
