@@ -1,0 +1,177 @@
+"""Fault injection under torchrun on CPU: a config that raises, a rank that hangs, a rank killed with SIGKILL
+mid-sweep and then resumed, and Ctrl-C. The replay backend makes every run's answer exactly predictable."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _helpers import ROOT, brute_force_optimum, grid_points, read_jsonl, run_launch, subprocess_env, write_landscape
+
+pytestmark = pytest.mark.slow
+
+SMS, DCH, CCH, BUF = (4, 8, 12), (2, 8, 16), (1, 4, 8), (128, 256)
+
+
+def _landscape(path):
+    rnd = random.Random(7)
+    return write_landscape(path, lambda op, s, c, b: round((40.0 if op == "dispatch" else 60.0) + 100.0 / s
+                                                           + rnd.uniform(0.0, 10.0), 3),
+                           list(grid_points(SMS, DCH, CCH, BUF)))
+
+
+def _key(rec):
+    return rec["op"], rec["num_sms"], rec["nvl_chunk"], rec["nvl_buffer"]
+
+
+def _measurements(out):
+    (log,) = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))
+    return log, [r for r in read_jsonl(log) if "op" in r]
+
+
+def _answer(out):
+    best = json.loads((out / "RESULTS_EP2_replay.json").read_text())["best"]
+    return (best["num_sms"], best["dispatch"]["nvl_chunk"], best["dispatch"]["nvl_buffer"],
+            best["combine"]["nvl_chunk"], best["combine"]["nvl_buffer"], best["total_us"])
+
+
+def _expected(truth, without=()):
+    rest = {k: v for k, v in truth.items() if k not in without}
+    s, d, c, total = brute_force_optimum(rest)
+    return (s, d[2], d[3], c[2], c[3], pytest.approx(total, abs=0.02))
+
+
+def _args(land, out):
+    return ["2", "full", "--backend", "replay", "--replay", str(land), "--out-dir", str(out)]
+
+
+def test_raise_is_logged_and_skipped(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    truth = _landscape(land)
+    s, dkey, _, _ = brute_force_optimum(truth)
+    p = run_launch(_args(land, out), {"DEEPEP_TUNE_INJECT": f"raise@dispatch:{s},{dkey[2]},{dkey[3]}"}, via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "relaunching" not in p.stderr  # a host-side failure needs no restart
+    _, meas = _measurements(out)
+    failed = [m for m in meas if m["status"] != "ok"]
+    assert [(_key(m), m["status"]) for m in failed] == [(dkey, "error")]
+    assert "InjectedError" in failed[0]["error"] and "rank 0" in failed[0]["error"] and "rank 1" in failed[0]["error"]
+    assert _answer(out) == _expected(truth, without=[dkey])
+
+
+def test_hang_of_one_rank_is_survived(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    truth = _landscape(land)
+    key = ("combine", 8, 4, 256)
+    p = run_launch(_args(land, out) + ["--timeout-s", "3"], {"DEEPEP_TUNE_INJECT": "hang@combine:8,4,256@1"},
+                   via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Timeout" in p.stderr and "relaunching" in p.stderr
+    log, meas = _measurements(out)
+    assert [_key(m) for m in meas if m["status"] == "crashed"] == [key]
+    assert _answer(out) == _expected(truth, without=[key])
+    keys = [_key(m) for m in meas if m["role"] == "search"]
+    assert len(keys) == len(set(keys)) == len(truth)  # nothing measured twice across the relaunch
+
+
+def _rank_pids(run_id):
+    pids = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"tune_singlenode.py" in b" ".join(cmd) and run_id.encode() in cmd and not any(b"torch" in c and b"run" in c for c in cmd[:3]):
+            rank = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                pids[int(rank)] = int(d)
+    return pids
+
+
+def _wait_for_start(out, key, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = glob.glob(str(out / "logs" / "tune_ep2_*.jsonl"))
+        if logs:
+            for r in read_jsonl(logs[0]) if open(logs[0]).read().endswith("\n") else []:
+                m = r.get("measure")
+                if r.get("event") == "start" and m and (m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]) == key:
+                    return logs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"{key} never started")
+
+
+def test_sigkill_mid_sweep_then_resume_matches_uninterrupted(tmp_path):
+    land = tmp_path / "land.jsonl"
+    truth = _landscape(land)
+    clean = tmp_path / "clean"
+    p = run_launch(_args(land, clean), via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    out = tmp_path / "out"
+    key = ("dispatch", 8, 16, 128)  # not the optimum: the kill costs this config, not the answer
+    assert _expected(truth)[:3] != key[1:]
+    run_id = "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tune_singlenode.py"), "--mode", "full", "--backend", "replay", "--replay", str(land),
+           "--out-dir", str(out), "--run-id", run_id]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(DEEPEP_TUNE_INJECT="hang@dispatch:8,16,128@1"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_start(out, key)
+        os.kill(_rank_pids(run_id)[1], signal.SIGKILL)
+        assert job.wait(timeout=60) != 0
+    finally:
+        job.kill()
+    assert not (out / "RESULTS_EP2_replay.json").exists()
+
+    p = run_launch(_args(land, out) + ["--resume"], via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log, meas = _measurements(out)
+    assert [_key(m) for m in meas if m["status"] == "crashed"] == [key]
+    keys = [_key(m) for m in meas if m["role"] == "search"]
+    assert len(keys) == len(set(keys)) == len(truth)
+    _, clean_meas = _measurements(clean)
+    assert _answer(out) == _answer(clean)
+    res = json.loads((out / "RESULTS_EP2_replay.json").read_text())
+    assert res["resumed"] and res["num_measurements"] == len(meas) == len(clean_meas)
+
+
+def test_ctrl_c_stops_all_ranks_and_resume_finishes(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    truth = _landscape(land)
+    key = ("combine", 12, 1, 128)
+    job = subprocess.Popen([os.path.join(ROOT, "run.sh"), *_args(land, out)], cwd=ROOT, start_new_session=True,
+                           env=subprocess_env(DEEPEP_TUNE_INJECT="hang@combine:12,1,128"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = _wait_for_start(out, key)
+        t0 = time.time()
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        _, err = job.communicate(timeout=60)
+        assert time.time() - t0 < 20
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, err[-3000:]
+    assert f"--resume {log}" in err
+    events = [r.get("event") for r in read_jsonl(log)]
+    assert events[0] == "header" and "interrupted" in events and "done" not in events
+    assert not os.path.exists(log + ".interrupted")
+
+    p = run_launch(_args(land, out) + ["--resume", log], via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, meas = _measurements(out)
+    assert all(m["status"] == "ok" for m in meas)  # the config in flight was measured again, not marked crashed
+    assert _answer(out) == _expected(truth)
