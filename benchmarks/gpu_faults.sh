@@ -13,3 +13,20 @@ start=$(date +%s%N)
 echo "=== faults rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))"
 grep -E '^\[run\]|^\[resume\]|^\[best\]|Timeout' "$out.out" | cut -c1-220
 grep -h '"status": "\(error\|crashed\|wrong\)"' "$out"/logs/*.jsonl | cut -c1-400
+
+# Ctrl-C in the middle of a sweep, then --resume (no injection).
+unset DEEPEP_TUNE_EXTRA_CONFIGS DEEPEP_TUNE_INJECT
+setsid ./run.sh 4 full --colocate --out-dir "$out-ctrlc" > "$out-ctrlc.out" 2>&1 &
+pid=$!
+sleep 25
+kill -INT -- -$pid
+start=$(date +%s%N)
+wait $pid
+echo "=== ctrl-c rc=$? stop_ms=$(( ($(date +%s%N) - start) / 1000000 ))"
+grep -E '^\[run\] interrupted|^\[tune\] interrupted' "$out-ctrlc.out" | cut -c1-200 | sort | uniq -c
+grep -c '"op"' "$out-ctrlc"/logs/*.jsonl
+start=$(date +%s%N)
+./run.sh 4 full --colocate --out-dir "$out-ctrlc" --resume > "$out-resume.out" 2>&1
+echo "=== resume rc=$? wall_ms=$(( ($(date +%s%N) - start) / 1000000 ))"
+grep -E '^\[resume\]|^\[best\]' "$out-resume.out"
+grep -h '"status": "\(error\|crashed\|wrong\)"' "$out-ctrlc"/logs/*.jsonl | cut -c1-200
