@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     attempt, before, startup_waits = 0, -1, 0
+    t0 = time.time()
     while True:
         cmd = torchrun_cmd(ranks, args)
         print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
         child = subprocess.Popen(cmd)
         rc = child.wait()
         if rc == 0:
+            print(f"[run] done in {time.time() - t0:.1f} s (start-up included)", file=sys.stderr)
             return 0
         marker = path + ".interrupted"
         if os.path.exists(marker):  # a rank got SIGINT/SIGTERM: stopped on purpose, not a crash

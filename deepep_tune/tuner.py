@@ -178,6 +178,7 @@ class Run:
             prior.append(crashed_record(d["measure"], d["seq"], CRASHED))
         prior.sort(key=lambda r: r.get("seq", 0))
         seq = Sequence(max((r.get("seq", 0) for r in prior), default=0))
+        t_setup = time.time()
         bar = self._progress(space)
         settings = MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s)
         healthy = getattr(self.backend, "healthy", None)
@@ -195,6 +196,7 @@ class Run:
             a2a = self.all_to_all(w) if o.baseline_a2a else None
             outcomes.append(SizeOutcome(w, best, rows, baselines, traffic(w, self.world), self.spread(meas, best), a2a))
         overall = self.overall(outcomes, measurers) if len(outcomes) > 1 else None
+        t_measured = time.time()
         if bar is not None:
             bar.close()
         answer = outcomes[0].best
@@ -211,6 +213,7 @@ class Run:
                          "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
             "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": _now(),
             "wall_s": round(time.time() - self.t0, 2),
+            "phases_s": self.phases(t_setup, t_measured, len(records) - sum(m.reused for m in measurers.values())),
             "num_measurements": len(records),
             "num_measured_this_launch": len(records) - sum(m.reused for m in measurers.values()),
             "resumed": o.resume is not None,
@@ -236,7 +239,7 @@ class Run:
                             "hardware": hw, "started": _now()})
             return
         for d in dangling:
-            self.log.write(crashed_record(d["measure"], d["seq"], f"{CRASHED} (watchdog: {o.timeout_s} s)"))
+            self.log.write(crashed_record(d["measure"], d["seq"], f"{CRASHED}; watchdog {o.timeout_s} s"))
         self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
         _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
 
@@ -336,6 +339,16 @@ class Run:
                 paths.append(p)
         return paths
 
+    def phases(self, t_setup: float, t_measured: float, measured: int) -> dict[str, float | None]:
+        """Where a run's time goes (rank 0's clock); torchrun's own start-up and teardown come on top."""
+        started = _process_start()
+        return {
+            "interpreter_start_to_tuner": round(self.t0 - started, 2) if started else None,
+            "setup": round(t_setup - self.t0, 2),  # process group, resume, backend (deep_ep import, Buffer, inputs)
+            "measuring": round(t_measured - t_setup, 2),
+            "per_measurement_ms": round(1e3 * (t_measured - t_setup) / measured, 1) if measured else None,
+        }
+
     def times_for(self, num_tokens: int) -> dict[tuple[str, TuneConfig], float]:
         return mean_times(self.measurers[num_tokens].observed())
 
@@ -424,6 +437,18 @@ def with_extra_configs(space: Space) -> Space:
 
 def sglang_config_from(res: dict[str, Any]) -> dict[str, Any]:
     return {"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}
+
+
+def _process_start() -> float | None:
+    """When this process started (Linux), to account for interpreter and import time."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _now() -> str:
