@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from .interrupts import interrupt_marker
 from .logio import LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
 from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc == 0:
             print(f"[run] done in {time.time() - t0:.1f} s (start-up included)", file=sys.stderr)
             return 0
-        marker = path + ".interrupted"
+        marker = interrupt_marker(path)
         if os.path.exists(marker):  # a rank got SIGINT/SIGTERM: stopped on purpose, not a crash
             interrupted = True
             os.unlink(marker)

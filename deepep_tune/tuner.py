@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import _thread
 import datetime
 from dataclasses import replace
 import math
 import os
 import platform
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from . import __version__
+from . import __version__, interrupts
 from .backends.base import Backend
 from .models import list_models
 from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
@@ -36,7 +33,6 @@ from .routing import traffic
 
 EXIT_BAD_INPUT = 2
 EXIT_CONTEXT_LOST = 3
-EXIT_INTERRUPTED = 130
 REFERENCE_SMS_CAP = 32
 CRASHED = "a rank died or hung during this measurement (device trap, abort, or the hang watchdog)"  # the reference backend has no SMs; sweep the grid of a small co-located GPU
 
@@ -76,7 +72,6 @@ class Run:
     # setup ------------------------------------------------------------------------------------
     def resume_state(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
         """(log path, prior measurements, dangling starts), decided on rank 0 and shared."""
-        o = self.o
         state: list[Any] = [None]
         if self.rank == 0:
             try:
@@ -86,9 +81,7 @@ class Run:
         dist.broadcast_object_list(state, src=0)
         if isinstance(state[0], str):
             raise UsageError(state[0])
-        del o
-        global _interrupt_marker
-        _interrupt_marker = interrupt_marker(state[0][0])
+        interrupts.set_log(state[0][0])
         return state[0]
 
     def _resume_state_rank0(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -108,7 +101,7 @@ class Run:
             _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); dropped it")
         return path, log.measurements, log.dangling
 
-    def make_backend(self, space_for: "callable") -> tuple[Backend, Space, int, dict[str, Any]]:
+    def make_backend(self, space_for: Callable[[int], tuple[Space, int]]) -> tuple[Backend, Space, int, dict[str, Any]]:
         o, info = self.o, {}
         if o.backend == "replay":
             from .backends.replay import ReplayBackend
@@ -455,47 +448,6 @@ def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-_interrupt_marker: str | None = None
-_user_interrupt = False
-
-
-def interrupt_marker(log: str) -> str:
-    """A file next to the log that says the run was stopped on purpose (so run.sh does not relaunch it)."""
-    return log + ".interrupted"
-
-
-def _mark_interrupted() -> None:
-    if _interrupt_marker:
-        try:
-            open(_interrupt_marker, "a").close()
-        except OSError:
-            pass
-
-
-def _install_signal_handlers(rank: int) -> None:
-    """SIGINT/SIGTERM are taken by one thread (blocked everywhere else), which raises KeyboardInterrupt in the
-    main thread; if the main thread is blocked in a kernel or a collective and cannot get there, the process
-    ends after a grace period (the log is flushed per line, so nothing measured is lost).
-    A signal from torchrun (our parent) means a peer died or torchrun is shutting down: that is not the user
-    stopping the run, so run.sh may relaunch and the config in flight counts as crashed. Any other sender
-    (a user's kill, Ctrl-C in the terminal) marks the run as interrupted on purpose."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started later (gloo, watchdog) inherit the mask
-
-    def waiter() -> None:
-        global _user_interrupt
-        info = signal.sigwaitinfo(sigs)
-        if info.si_pid != os.getppid():
-            _user_interrupt = True
-            _mark_interrupted()
-        _thread.interrupt_main()
-        time.sleep(5.0)
-        _say(rank, "[tune] interrupted while blocked; exiting (resume with --resume)")
-        os._exit(EXIT_INTERRUPTED)
-
-    threading.Thread(target=waiter, daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -514,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if err:
         _say(rank, f"error: {err}")
         return EXIT_BAD_INPUT
-    _install_signal_handlers(rank)
+    interrupts.install_signal_handlers(rank)
     dist.init_process_group("gloo")  # control plane only; DeepEP's Buffer needs just all_gather_object
     run = Run(o, rank, world, local_rank)
     code = 0
@@ -527,11 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tune] rank {rank}: {e}", file=sys.stderr, flush=True)
         code = EXIT_CONTEXT_LOST
     except KeyboardInterrupt:
-        if _user_interrupt and run.log is not None:
+        if interrupts.user_interrupted and run.log is not None:
             run.log.write({"event": "interrupted", "t": time.time()})
         _say(rank, "[tune] interrupted; measurements so far are in the log. "
                    f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
-        code = EXIT_INTERRUPTED
+        code = interrupts.EXIT_INTERRUPTED
     finally:
         try:
             run.close()
