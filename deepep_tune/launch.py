@@ -13,7 +13,7 @@ import sys
 import time
 
 from .interrupts import interrupt_marker
-from .logio import LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
+from .logio import LogContents, LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
 from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args,
                       resume_error)
@@ -37,20 +37,16 @@ def _gpu_count() -> int:
     return n
 
 
-def _progress(path: str) -> int:
+def _log(path: str) -> LogContents | None:
+    try:
+        return read_log(path)
+    except (LogError, FileNotFoundError):
+        return None
+
+
+def _progress(log: LogContents) -> int:
     """Measurements recorded plus configs started and never finished (both are progress for a relaunch)."""
-    try:
-        log = read_log(path)
-    except (LogError, FileNotFoundError):
-        return -1
     return len(log.measurements) + len(log.dangling)
-
-
-def _finished(path: str) -> bool:
-    try:
-        return read_log(path).finished
-    except (LogError, FileNotFoundError):
-        return False
 
 
 def _file_error(o: Options, ranks: int, resume_path: str | None) -> str | None:
@@ -124,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if o.resume is None:
         run_id = o.run_id or new_run_id()
         path = log_path(o.out_dir, ranks, run_id)
+        if os.path.exists(path):
+            print(f"error: {path} exists (another run uses --run-id {run_id}); pick another --run-id or use "
+                  f"--resume {path}", file=sys.stderr)
+            return 2
         if o.run_id is None:
             args += ["--run-id", run_id]
     else:
@@ -144,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         cmd = torchrun_cmd(ranks, args)
         print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
+        marker = interrupt_marker(path)
+        if os.path.exists(marker):  # left by an earlier run started with torchrun directly
+            os.unlink(marker)
         child = subprocess.Popen(cmd)
         rc = child.wait()
         if rc == 0:
             print(f"[run] done in {time.time() - t0:.1f} s (start-up included)", file=sys.stderr)
             return 0
-        marker = interrupt_marker(path)
-        if os.path.exists(marker):  # a rank got SIGINT/SIGTERM: stopped on purpose, not a crash
+        if os.path.exists(marker):  # a rank got SIGINT/SIGTERM from the user: stopped on purpose, not a crash
             interrupted = True
             os.unlink(marker)
         if interrupted:
@@ -158,20 +160,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[run] interrupted; measurements so far are in {path}. Continue with: "
                   f"./run.sh {ranks} {mode} {' '.join(argv)} --resume {path}".replace("  ", " "), file=sys.stderr)
             return 130
-        if _finished(path):
+        log = _log(path)
+        if log is None:
+            print("error: the tuner failed before writing its log (see the messages above)", file=sys.stderr)
+            return rc or 1
+        if log.finished:
             return rc
-        now = _progress(path)
-        if now <= before or now < 0:
+        if log.failed:
+            print(f"error: {log.failed}", file=sys.stderr)
+            return 2
+        if not (log.dangling or log.restart):
+            print("error: the tuner failed outside a measurement (see the messages above); not relaunching. "
+                  f"The log {path} keeps every measurement (--resume {path})", file=sys.stderr)
+            return rc or 1
+        now = _progress(log)
+        if now <= before:
             # Right after a rank died with a kernel in flight, the GPU (the MPS server above all) can refuse
             # new contexts for a few seconds ("device busy or unavailable"): give it time before giving up.
-            if attempt and startup_waits < STARTUP_WAITS:
+            if startup_waits < STARTUP_WAITS:
                 startup_waits += 1
                 print(f"[run] start-up failed right after a crash; waiting {STARTUP_WAIT_S} s for the GPU to "
                       f"recover ({startup_waits}/{STARTUP_WAITS})", file=sys.stderr, flush=True)
                 time.sleep(STARTUP_WAIT_S)
                 continue
-            print("error: the tuner failed outside a measurement (see the messages above); not relaunching",
-                  file=sys.stderr)
+            print("error: relaunching made no progress; not relaunching again. "
+                  f"The log {path} keeps every measurement (--resume {path})", file=sys.stderr)
             return rc or 1
         startup_waits = 0
         attempt += 1
@@ -180,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"Continue with --resume {path}", file=sys.stderr)
             return rc or 1
         before = now
-        print(f"[run] a rank died or hung (exit {rc}); relaunching to resume {path} "
-              f"(attempt {attempt}/{retries})", file=sys.stderr, flush=True)
+        why = "the GPU context was lost" if log.restart and not log.dangling else "a rank died or hung"
+        print(f"[run] {why} (exit {rc}); relaunching to resume {path} (attempt {attempt}/{retries})",
+              file=sys.stderr, flush=True)
         args = drop_options(args, ("--resume",)) + ["--resume", path]
         time.sleep(RELAUNCH_PAUSE_S)
 

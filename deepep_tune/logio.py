@@ -2,7 +2,8 @@
 
 Lines with an "op" key are measurements (one per measurement, nothing else has that key).
 Other lines carry an "event": header (first line), start (written before a measurement, so a rank
-that dies mid-measurement leaves a trace), resume, interrupted (Ctrl-C/SIGTERM), done."""
+that dies mid-measurement leaves a trace), resume, interrupted (Ctrl-C/SIGTERM), failed (an error a
+relaunch cannot fix), restart (the GPU context was lost: continue in a fresh process), done."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .space import OPS, TuneConfig
-
-LOG_VERSION = 1
-
 
 class LogError(Exception):
     """A log or landscape file that cannot be used; the message says what to do."""
@@ -64,6 +62,8 @@ class LogContents:
     finished: bool = False
     truncated_line: int | None = None  # 1-based line number of a cut-off last line
     resumes: int = 0
+    failed: str | None = None  # the run stopped on an error that a relaunch cannot fix
+    restart: bool = False  # the run stopped so that a fresh process can continue (GPU context lost)
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -106,7 +106,12 @@ def read_log(path: str) -> LogContents:
             started[rec["seq"]] = rec
         elif isinstance(rec, dict) and rec.get("event") == "resume":
             out.resumes += 1
+            out.failed, out.restart = None, False
             started.clear()  # the resume wrote a record for each dangling start
+        elif isinstance(rec, dict) and rec.get("event") == "failed":
+            out.failed = str(rec.get("error"))
+        elif isinstance(rec, dict) and rec.get("event") == "restart":
+            out.restart = True
         elif isinstance(rec, dict) and rec.get("event") == "interrupted":
             started.clear()  # stopped on purpose: the config in flight did not crash, measure it again
         elif isinstance(rec, dict) and rec.get("event") == "done":

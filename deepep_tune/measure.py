@@ -75,10 +75,6 @@ class Measurer:
     def observed(self) -> dict[tuple[str, TuneConfig], list[float]]:
         return self.obs
 
-    def baseline(self, op: str, cfg: TuneConfig) -> float:
-        """A baseline is measured like any config; one the search already measured is not measured again."""
-        return self.time(op, cfg)
-
     # ------------------------------------------------------------------------------------------
     def _take(self, op: str, cfg: TuneConfig, role: str, iters: int) -> None:
         key = (op, cfg)
@@ -120,11 +116,14 @@ class Measurer:
         red = reduce_samples(samples, status != "ok", iters)
         faulthandler.cancel_dump_traceback_later()
         if red.failed_ranks and dist.is_initialized():
+            # Every rank learns every rank's outcome, so all of them record it and, if one GPU is unusable,
+            # all of them stop together (a rank left running would start the next config and wait forever).
             errors: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, (status, error))
-            failed = [(r, s, e) for r, (s, e) in enumerate(errors) if s != "ok"]
+            dist.all_gather_object(errors, (status, error, lost))
+            failed = [(r, s, e) for r, (s, e, _) in enumerate(errors) if s != "ok"]
             status = "error" if any(s == "error" for _, s, _ in failed) else "wrong"
             error = "; ".join(f"rank {r}: {e}" for r, _, e in failed)
+            lost = any(x[2] for x in errors)
         rec = {
             "op": op, **cfg.as_dict(), **self.tag,
             "time_us": red.time_us if status == "ok" else None,

@@ -52,8 +52,13 @@ class Options:
         return asdict(self)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the whole usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tune_singlenode.py",
         description="Find the fastest DeepEP intranode dispatch/combine config. Launch one process per GPU with "
                     "torchrun (or ./run.sh N quick|full).")
@@ -207,12 +212,18 @@ def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+RESUME_OPTIONS = ("max_sms", "colocate", "replay", "replay_noise", "warmup", "iters", "max_buffer_gb")
+
+
 def resume_error(log: LogContents, o: Options, ep_size: int) -> str | None:
     """Why this run may not continue that log: it finished, or it measured something else."""
     h = log.header or {}
     mine = {"ep_size": ep_size, "backend": o.backend, "mode": o.mode, "workload": o.workload.as_dict(),
             "token_counts": list(o.token_counts)}
     theirs = {k: h.get(k) for k in mine}
+    # options that change what is measured or how (not --timeout-s, --out-dir, --plot, ...)
+    for k in RESUME_OPTIONS:
+        mine[k], theirs[k] = getattr(o, k), (h.get("options") or {}).get(k)
     diff = [k for k in mine if mine[k] != theirs[k]]
     if diff:
         return (f"--resume {log.path}: this run's {', '.join(diff)} differ from the log's "

@@ -30,8 +30,10 @@ def size_tables(sec: dict[str, Any], best_sms: int) -> list[str]:
             brows.append([name, b["dispatch"]["num_sms"], "-", "-", "-", f"skipped: {b['skipped']}"])
         else:
             sp = b.get("speedup")
+            verdict = "-" if not sp else (f"tuned is {sp:.2f}x faster" if sp >= 1 else
+                                          f"baseline is {1 / sp:.2f}x faster (outside the searched space)")
             brows.append([name, b["dispatch"]["num_sms"], _us(b["dispatch_us"]), _us(b["combine_us"]),
-                          _us(b["total_us"]), f"tuned is {sp:.2f}x faster" if sp else "-"])
+                          _us(b["total_us"]), verdict])
     a2a = sec.get("all_to_all")
     if a2a and "skipped" not in a2a:
         sp = a2a["deepep_speedup"]

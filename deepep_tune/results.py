@@ -165,6 +165,7 @@ def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome
         best["total_us"] = first["total_us"]
         if overall_baselines is not None:
             primary["baselines"] = baselines_section(overall_baselines, first["total_us"])
+        primary["bandwidth"] = bandwidth(w, sizes[0].traffic, first["dispatch_us"], first["combine_us"])
     assert disp is not None and comb is not None
     nvl = nvl_bytes_needed(disp, comb, w, ep_size)
     hb = w.hidden * max(w.elem_size, 2)

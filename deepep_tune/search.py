@@ -54,7 +54,8 @@ def _best(times: dict[tuple[str, TuneConfig], float], op: str, num_sms: int) -> 
 
 def per_sms_table(obs: dict[tuple[str, TuneConfig], list[float]], space: Space) -> list[SmsRow]:
     """Best dispatch and combine at each num_sms that has measurements of both ops in the space."""
-    times = {k: v for k, v in mean_times(obs).items() if k[1] in set(space.configs(k[0]))}
+    members = {op: set(space.configs(op)) for op in OPS}
+    times = {k: v for k, v in mean_times(obs).items() if k[1] in members[k[0]]}
     rows = []
     for s in space.sms_values():
         d, dt = _best(times, "dispatch", s)
@@ -165,10 +166,11 @@ def refine(oracle: Oracle, space: Space, max_sms: int | None, tolerance: float =
         close = sorted((r for r in rows if r.total_us <= best.total_us * (1 + tolerance)),
                        key=lambda r: (r.total_us, r.num_sms))[:max_sms_rows]
         times = mean_times(oracle.observed())
+        members = {op: set(space.configs(op)) for op in OPS}
         for r in close:
             for op, op_best in (("dispatch", r.dispatch_us), ("combine", r.combine_us)):
                 near = sorted((t, c) for (o, c), t in times.items()
-                              if o == op and c.num_sms == r.num_sms and c in set(space.configs(op))
+                              if o == op and c.num_sms == r.num_sms and c in members[op]
                               and t <= op_best * (1 + tolerance))[:max_per_op]
                 for _, c in near:
                     oracle.remeasure(op, c)
@@ -198,5 +200,7 @@ def choose_overall(totals: dict[Candidate, dict[int, float]], best_at: dict[int,
     def losses(c: Candidate) -> dict[int, float]:
         return {n: totals[c][n] / best_at[n] - 1 for n in best_at}
 
-    best = min(totals, key=lambda c: (sum(losses(c).values()), c[0].num_sms, c))
+    # A candidate that failed at some size is no answer for all sizes (unless nothing else is left).
+    ok = [c for c in totals if all(math.isfinite(t) for t in totals[c].values())] or list(totals)
+    best = min(ok, key=lambda c: (sum(losses(c).values()), c[0].num_sms, c))
     return best, losses(best)

@@ -158,6 +158,8 @@ class Run:
             err = str(e)
         except ImportError as e:
             err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory allocating the Buffer: one line, all ranks
+            err = f"setting up the {o.backend} backend failed on rank {self.rank}: {type(e).__name__}: {e}"
         err = _agree_error(err)
         if err:
             raise UsageError(err)
@@ -166,7 +168,14 @@ class Run:
         space = with_extra_configs(space)
         hw = {**self.backend.describe(), **info}
         self.sms_cap = info.get("sms_cap")
-        self.open_log(path, prior, dangling, hw)
+        err = None
+        try:
+            self.open_log(path, prior, dangling, hw)
+        except (LogError, OSError) as e:
+            err = str(e)
+        err = _agree_error(err)
+        if err:
+            raise UsageError(err)
         for d in dangling:  # every rank knows the crashed configs: they are results too
             prior.append(crashed_record(d["measure"], d["seq"], CRASHED))
         prior.sort(key=lambda r: r.get("seq", 0))
@@ -395,7 +404,8 @@ def measure_baselines(meas: Measurer, bases: list[Baseline], sms_cap: int | None
         if has is not None and not (has("dispatch", b.dispatch) and has("combine", b.combine)):
             b.skipped = "not in the replayed landscape"
             continue
-        d, c = meas.baseline("dispatch", b.dispatch), meas.baseline("combine", b.combine)
+        # measured like any config; one the search already measured is not measured again
+        d, c = meas.time("dispatch", b.dispatch), meas.time("combine", b.combine)
         b.dispatch_us = d if math.isfinite(d) else None
         b.combine_us = c if math.isfinite(c) else None
     return bases
@@ -412,11 +422,17 @@ def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, 
     best = pick(rows, max_sms)
     if best is None:
         raise UsageError("every config failed; see the log for the errors")
-    bases = measure_baselines(meas, make_baselines(ep_size, best.num_sms), sms_cap, has)
-    # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick at the
-    # pick's own num_sms becomes the pick (the num_sms, and so the baselines' meaning, stays the same).
-    rows = per_sms_table(meas.observed(), space)
-    best = next(r for r in rows if r.num_sms == best.num_sms)
+    # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick
+    # becomes the pick (then DeepEP's default is measured again at the new num_sms, so "at the tuned
+    # num_sms" stays true and every speed-up is against the reported answer).
+    for _ in range(3):
+        bases = measure_baselines(meas, make_baselines(ep_size, best.num_sms), sms_cap, has)
+        rows = per_sms_table(meas.observed(), space)
+        new = pick(rows, max_sms)
+        moved = new is not None and new.num_sms != best.num_sms
+        best = new or best
+        if not moved:
+            break
     return best, rows, bases
 
 
@@ -470,13 +486,21 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")  # control plane only; DeepEP's Buffer needs just all_gather_object
     run = Run(o, rank, world, local_rank)
     code = 0
+
+    def note(event: str, **fields: Any) -> None:
+        """Tell run.sh (which sees only torchrun's exit code) whether relaunching can help."""
+        if run.log is not None:
+            run.log.write({"event": event, **fields, "t": time.time()})
+
     try:
         run.run()
     except UsageError as e:
         _say(rank, f"error: {e}")
+        note("failed", error=str(e))
         code = EXIT_BAD_INPUT
     except ContextLost as e:
         print(f"[tune] rank {rank}: {e}", file=sys.stderr, flush=True)
+        note("restart", why=str(e))
         code = EXIT_CONTEXT_LOST
     except KeyboardInterrupt:
         if interrupts.user_interrupted and run.log is not None:
@@ -484,13 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         _say(rank, "[tune] interrupted; measurements so far are in the log. "
                    f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
         code = interrupts.EXIT_INTERRUPTED
+    except Exception as e:
+        note("failed", error=f"{type(e).__name__}: {e} (a bug: please report it with the traceback)")
+        raise
     finally:
         try:
             run.close()
         except Exception as e:  # noqa: BLE001 - teardown must not hide the outcome
             print(f"[tune] rank {rank}: cleanup failed: {e}", file=sys.stderr)
-    if code == 0:
-        dist.barrier()
+        if code == 0:
+            dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()
     return code

@@ -175,3 +175,55 @@ def test_ctrl_c_stops_all_ranks_and_resume_finishes(tmp_path):
     _, meas = _measurements(out)
     assert all(m["status"] == "ok" for m in meas)  # the config in flight was measured again, not marked crashed
     assert _answer(out) == _expected(truth)
+
+
+def test_error_a_relaunch_cannot_fix_stops_at_once(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    with open(land, "w") as f:  # every config failed when this landscape was recorded
+        for op, s, c, b in grid_points(SMS, DCH, CCH, BUF):
+            f.write(json.dumps({"op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b, "time_us": 1.0,
+                                "status": "error"}) + "\n")
+    t0 = time.time()
+    p = run_launch(["2", "quick", "--backend", "replay", "--replay", str(land), "--out-dir", str(out)], via_run_sh=True)
+    assert p.returncode == 2
+    assert "relaunching" not in p.stderr and "waiting" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: every config failed; see the log for the errors"
+    assert time.time() - t0 < 60
+
+
+def test_reused_run_id_never_shares_a_log(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    _landscape(land)
+    args = _args(land, out) + ["--run-id", "same"]
+    assert run_launch(args, via_run_sh=True).returncode == 0
+    log = out / "logs" / "tune_ep2_same.jsonl"
+    before = log.read_text()
+    p = run_launch(args, via_run_sh=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: {log} exists (another run uses --run-id same); pick another --run-id or use --resume {log}"]
+    assert log.read_text() == before
+
+
+def test_resume_with_other_measurement_settings_is_refused(tmp_path):
+    land, out = tmp_path / "land.jsonl", tmp_path / "out"
+    _landscape(land)
+    log = out / "logs" / "tune_ep2_r1.jsonl"
+    os.makedirs(log.parent)
+    header = {"event": "header", "ep_size": 2, "backend": "replay", "mode": "full",
+              "workload": {"num_tokens": 4096, "hidden": 7168, "num_topk": 8, "num_experts": 256,
+                           "dispatch_dtype": "bf16", "seed": 0}, "token_counts": [4096],
+              "options": {"max_sms": None, "colocate": False, "replay": str(land), "replay_noise": 0.0,
+                          "warmup": 2, "iters": 10, "max_buffer_gb": 4.0}}
+    log.write_text(json.dumps(header) + "\n")
+    p = run_launch(_args(land, out) + ["--iters", "7", "--resume", str(log)], via_run_sh=True)
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert "iters" in line and "iters=10" in line
+    p = run_launch(_args(land, out) + ["--resume", str(log)], via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_argparse_errors_are_one_line():
+    p = run_launch(["2", "quick", "--backend", "reference", "--no-such-flag"])
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: unrecognized arguments: --no-such-flag (see --help)"]

@@ -95,9 +95,10 @@ class TokenBackend(Backend):
     def measure(self, op: str, cfg: TuneConfig, warmup: int, iters: int) -> LocalResult:
         if op == "dispatch":
             samples, out = self._timed(lambda: self._dispatch(cfg), warmup, iters)
-            self.handles[cfg.num_sms] = out.handle
             err = check_dispatch(self.expected, out.recv_x, out.recv_scales, out.recv_topk_idx,
                                  out.recv_topk_weights, out.num_recv_per_expert)
+            if err is None:  # a wrong dispatch's handle would make later combines look wrong too
+                self.handles[cfg.num_sms] = out.handle
             return LocalResult(samples, err)
         handle = self.handles.get(cfg.num_sms)
         if handle is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import subprocess
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..bench import CudaEventTimer
+from ..options import mps_running
 from ..space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig
 from ..workload import FP8_BLOCK, Workload
 from .base import CombineOut, DispatchOut, TokenBackend
@@ -71,7 +71,8 @@ class DeepEPBackend(TokenBackend):
             self.x: Any = ((x / scales[:, :1]).to(torch.float8_e4m3fn), scales)
         else:
             self.x = x.to(torch.bfloat16).contiguous()
-        self.topk_idx = self.routing.topk_idx.to(dev, deep_ep.topk_idx_t)
+        # topk_idx_t appeared with DeepEP #422; older builds take int64
+        self.topk_idx = self.routing.topk_idx.to(dev, getattr(deep_ep, "topk_idx_t", torch.int64))
         self.topk_weights = self.routing.topk_weights.to(dev)
         per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(self.topk_idx, workload.num_experts)
         if not (torch.equal(per_rank.cpu(), self.routing.num_tokens_per_rank)
@@ -110,7 +111,7 @@ class DeepEPBackend(TokenBackend):
             "driver": driver_version(),
             "cuda": torch.version.cuda,
             "deep_ep": deep_ep_version(),
-            "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+            "mps": mps_running(),
         }
 
     def close(self) -> None:
