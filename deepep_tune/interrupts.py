@@ -11,13 +11,13 @@ import time
 
 EXIT_INTERRUPTED = 130
 
-_interrupt_marker: str | None = None
+_log: str | None = None
 user_interrupted = False
 
 
 def set_log(log: str) -> None:
-    global _interrupt_marker
-    _interrupt_marker = interrupt_marker(log)
+    global _log
+    _log = log
 
 
 def interrupt_marker(log: str) -> str:
@@ -25,12 +25,27 @@ def interrupt_marker(log: str) -> str:
     return log + ".interrupted"
 
 
+def gpu_busy_marker(log: str) -> str:
+    """A file next to the log that says start-up found the GPU busy for now (run.sh waits and retries)."""
+    return log + ".gpu_busy"
+
+
+def _touch(path: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "a").close()
+    except OSError:
+        pass
+
+
 def mark_interrupted() -> None:
-    if _interrupt_marker:
-        try:
-            open(_interrupt_marker, "a").close()
-        except OSError:
-            pass
+    if _log:
+        _touch(interrupt_marker(_log))
+
+
+def mark_gpu_busy() -> None:
+    if _log:
+        _touch(gpu_busy_marker(_log))
 
 
 def install_signal_handlers(rank: int) -> None:
@@ -41,7 +56,9 @@ def install_signal_handlers(rank: int) -> None:
     stopping the run, so run.sh may relaunch and the config in flight counts as crashed. Any other sender
     (a user's kill, Ctrl-C in the terminal) marks the run as interrupted on purpose."""
     sigs = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started later (gloo, watchdog) inherit the mask
+    # Threads started later (gloo, CUDA, the watchdog) inherit the mask; tune_singlenode.py blocks the signals
+    # before importing torch, so no thread can take them (and leave them to a busy main thread).
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
 
     def waiter() -> None:
         global user_interrupted

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from .interrupts import interrupt_marker
+from .interrupts import gpu_busy_marker, interrupt_marker
 from .logio import LogContents, LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
 from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args,
@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         cmd = torchrun_cmd(ranks, args)
         print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
-        marker = interrupt_marker(path)
-        if os.path.exists(marker):  # left by an earlier run started with torchrun directly
-            os.unlink(marker)
+        marker, busy = interrupt_marker(path), gpu_busy_marker(path)
+        for m in (marker, busy):  # left by an earlier run started with torchrun directly
+            if os.path.exists(m):
+                os.unlink(m)
         child = subprocess.Popen(cmd)
         rc = child.wait()
         if rc == 0:
@@ -160,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[run] interrupted; measurements so far are in {path}. Continue with: "
                   f"./run.sh {ranks} {mode} {' '.join(argv)} --resume {path}".replace("  ", " "), file=sys.stderr)
             return 130
+        if os.path.exists(busy) and startup_waits < STARTUP_WAITS:
+            startup_waits += 1
+            print(f"[run] the GPU is busy (a killed run's kernels are still being cleaned up); waiting "
+                  f"{STARTUP_WAIT_S} s ({startup_waits}/{STARTUP_WAITS})", file=sys.stderr, flush=True)
+            time.sleep(STARTUP_WAIT_S)
+            continue
         log = _log(path)
         if log is None:
             print("error: the tuner failed before writing its log (see the messages above)", file=sys.stderr)

@@ -160,6 +160,9 @@ class Run:
             err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
         except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory allocating the Buffer: one line, all ranks
             err = f"setting up the {o.backend} backend failed on rank {self.rank}: {type(e).__name__}: {e}"
+            if "busy or unavailable" in str(e):
+                # Seen right after a run was killed with kernels in flight under MPS: it passes in seconds.
+                interrupts.mark_gpu_busy()
         err = _agree_error(err)
         if err:
             raise UsageError(err)
