@@ -49,16 +49,35 @@ def mark_gpu_busy() -> None:
 
 
 def install_signal_handlers(rank: int) -> None:
-    """SIGINT/SIGTERM are taken by one thread (blocked everywhere else), which raises KeyboardInterrupt in the
-    main thread; if the main thread is blocked in a kernel or a collective and cannot get there, the process
-    ends after a grace period (the log is flushed per line, so nothing measured is lost).
-    A signal from torchrun (our parent) means a peer died or torchrun is shutting down: that is not the user
-    stopping the run, so run.sh may relaunch and the config in flight counts as crashed. Any other sender
-    (a user's kill, Ctrl-C in the terminal) marks the run as interrupted on purpose."""
+    """Stop within seconds on SIGINT/SIGTERM, even while the main thread sits in a CUDA call or a DeepEP
+    CPU wait, where Python-level handlers never run. The log is flushed per line, so nothing is lost.
+
+    Two paths, because a signal goes to any thread that does not block it:
+    - our threads block both signals (tune_singlenode.py blocks them before torch starts any thread), and
+      one of them takes them with sigwaitinfo, which names the sender. A signal from torchrun (our parent)
+      means a peer died or torchrun is shutting down, not the user: run.sh may then relaunch, and the config
+      in flight counts as crashed. Any other sender (a user's kill) marks the run as stopped on purpose.
+    - threads that libraries start with their own mask (seen: CUDA's, on the GPU) can still take a signal.
+      Python's C-level handler then runs there and writes to the wakeup fd; the sender is unknown, so only
+      run.sh, which got the user's Ctrl-C itself, knows it was on purpose.
+    Either way the main thread gets KeyboardInterrupt, and a helper ends the process after a grace period."""
     sigs = {signal.SIGINT, signal.SIGTERM}
-    # Threads started later (gloo, CUDA, the watchdog) inherit the mask; tune_singlenode.py blocks the signals
-    # before importing torch, so no thread can take them (and leave them to a busy main thread).
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+    def stop_soon() -> None:
+        time.sleep(5.0)
+        if rank == 0:
+            print("[tune] interrupted while blocked; exiting (resume with --resume)", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
 
     def waiter() -> None:
         global user_interrupted
@@ -67,9 +86,11 @@ def install_signal_handlers(rank: int) -> None:
             user_interrupted = True
             mark_interrupted()
         _thread.interrupt_main()
-        time.sleep(5.0)
-        if rank == 0:
-            print("[tune] interrupted while blocked; exiting (resume with --resume)", file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)
+        stop_soon()
+
+    def woken() -> None:
+        os.read(rfd, 1)
+        stop_soon()
 
     threading.Thread(target=waiter, daemon=True).start()
+    threading.Thread(target=woken, daemon=True).start()
