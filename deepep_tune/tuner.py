@@ -188,19 +188,19 @@ class Run:
         settings = MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s)
         healthy = getattr(self.backend, "healthy", None)
         first = o.token_counts[0]
-        measurers: dict[int, Measurer] = {}
+        measurers = self.measurers
         outcomes: list[SizeOutcome] = []
         for n in o.token_counts:
             w = replace(o.workload, num_tokens=n)
             self.backend.prepare(w)
             mine = [r for r in prior if r.get("num_tokens", first) == n]
-            meas = measurers[n] = self.measurers[n] = Measurer(self.backend, settings, self.rank, self.log, mine, on_record=bar,
+            meas = measurers[n] = Measurer(self.backend, settings, self.rank, self.log, mine, on_record=bar,
                                            healthy=healthy, tag={"num_tokens": n}, seq=seq)
             best, rows, baselines = search_and_baselines(meas, space, o.mode, self.world, o.max_sms,
                                                          info.get("sms_cap"), getattr(self.backend, "has", None))
             a2a = self.all_to_all(w) if o.baseline_a2a else None
             outcomes.append(SizeOutcome(w, best, rows, baselines, traffic(w, self.world), self.spread(meas, best), a2a))
-        overall = self.overall(outcomes, measurers) if len(outcomes) > 1 else None
+        overall = self.overall(outcomes) if len(outcomes) > 1 else None
         t_measured = time.time()
         if bar is not None:
             bar.close()
@@ -211,6 +211,7 @@ class Run:
             answer = SmsRow(d.num_sms, d, t["dispatch_us"], c, t["combine_us"])
         advice_row = sm_advice(outcomes[0].rows, o.sm_tolerance, o.max_sms, answer)
         records = [r for m in measurers.values() for r in m.records]
+        measured_now = len(records) - sum(m.reused for m in measurers.values())
         meta = {
             "tool_version": __version__, "mode": o.mode, "backend": o.backend, "model": o.model,
             "hardware": hw, "colocated": bool(hw.get("colocated")),
@@ -218,9 +219,9 @@ class Run:
                          "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
             "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": _now(),
             "wall_s": round(time.time() - self.t0, 2),
-            "phases_s": self.phases(t_setup, t_measured, len(records) - sum(m.reused for m in measurers.values())),
+            "phases_s": self.phases(t_setup, t_measured, measured_now),
             "num_measurements": len(records),
-            "num_measured_this_launch": len(records) - sum(m.reused for m in measurers.values()),
+            "num_measured_this_launch": measured_now,
             "resumed": o.resume is not None,
             "space": {"num_configs": space.size(), "sms_values": space.sms_values(), "pruned": pruned},
             "log": path,
@@ -228,7 +229,7 @@ class Run:
         res = build_results(meta=meta, ep_size=self.world, sizes=outcomes, overall=overall,
                             advice=self.advice(advice_row, answer), overall_baselines=self.overall_baselines)
         if self.rank == 0:
-            self.write_outputs(res, measurers[first], outcomes)
+            self.write_outputs(res, outcomes)
         return res
 
     def open_log(self, path: str, prior: list[dict[str, Any]], dangling: list[dict[str, Any]], hw: dict[str, Any]) -> None:
@@ -248,8 +249,7 @@ class Run:
         self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
         _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
 
-    def overall(self, outcomes: list[SizeOutcome], measurers: dict[int, Measurer]
-                ) -> tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]]:
+    def overall(self, outcomes: list[SizeOutcome]) -> tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]]:
         """Measure every size's winner at every other size, then pick one config for all sizes."""
         cands = list(dict.fromkeys((oc.best.dispatch, oc.best.combine) for oc in outcomes))
         totals: dict[Any, dict[int, float]] = {c: {} for c in cands}
@@ -258,7 +258,7 @@ class Run:
             n = oc.workload.num_tokens
             self.backend.prepare(oc.workload)
             for d, c in cands:
-                td, tc = measurers[n].time("dispatch", d), measurers[n].time("combine", c)
+                td, tc = self.measurers[n].time("dispatch", d), self.measurers[n].time("combine", c)
                 totals[(d, c)][n], parts[(d, c)][n] = td + tc, (td, tc)
         best_at = {oc.workload.num_tokens: oc.best.total_us for oc in outcomes}
         (d, c), losses = choose_overall(totals, best_at)
@@ -266,7 +266,7 @@ class Run:
         # at the recommended num_sms ("DeepEP's default at the tuned num_sms").
         first = outcomes[0]
         self.backend.prepare(first.workload)
-        self.overall_baselines = measure_baselines(measurers[first.workload.num_tokens],
+        self.overall_baselines = measure_baselines(self.measurers[first.workload.num_tokens],
                                                    make_baselines(self.world, d.num_sms), self.sms_cap,
                                                    getattr(self.backend, "has", None))
         by_size = {n: {"dispatch_us": round(parts[(d, c)][n][0], 2), "combine_us": round(parts[(d, c)][n][1], 2),
@@ -308,7 +308,7 @@ class Run:
                 "total_us": round(t["dispatch"] + t["combine"], 2),
                 "what": "torch.distributed.all_to_all_single: count exchange + rows (dispatch), rows back (combine)"}
 
-    def write_outputs(self, res: dict[str, Any], meas: Measurer, outcomes: list[SizeOutcome]) -> None:
+    def write_outputs(self, res: dict[str, Any], outcomes: list[SizeOutcome]) -> None:
         o = self.o
         out = os.path.join(o.out_dir, results_name(self.world, o.backend, bool(res["colocated"])))
         stem = out[:-len(".json")]
