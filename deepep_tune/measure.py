@@ -83,6 +83,9 @@ class Measurer:
         if n < len(self.prior[key]):
             rec = self.prior[key][n]
             self.reused += 1
+            note = getattr(self.backend, "reused", None)  # replay: keep its noise sequence as if measured
+            if note is not None:
+                note(op, cfg)
         else:
             rec = self._run(op, cfg, role, iters)
         self.records.append(rec)

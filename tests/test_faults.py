@@ -227,3 +227,25 @@ def test_argparse_errors_are_one_line():
     p = run_launch(["2", "quick", "--backend", "reference", "--no-such-flag"])
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["error: unrecognized arguments: --no-such-flag (see --help)"]
+
+
+def test_noisy_replay_resumed_matches_uninterrupted(tmp_path):
+    land = tmp_path / "land.jsonl"
+    _landscape(land)
+    noisy = ["--replay-noise", "0.05", "--seed", "3"]
+    clean = tmp_path / "clean"
+    assert run_launch(_args(land, clean) + noisy, via_run_sh=True).returncode == 0
+    out = tmp_path / "out"
+    first = run_launch(_args(land, out) + noisy + ["--run-id", "cut"], via_run_sh=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # cut the finished log after a third of its measurements, as if the run had been killed there
+    log = out / "logs" / "tune_ep2_cut.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    ops = [i for i, line in enumerate(lines) if line.startswith('{"op"')]
+    log.write_text("".join(lines[: ops[len(ops) // 3] + 1]))
+    (out / "RESULTS_EP2_replay.json").unlink()
+    p = run_launch(_args(land, out) + noisy + ["--resume", str(log)], via_run_sh=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    times = lambda o: [(r["op"], r["num_sms"], r["nvl_chunk"], r["nvl_buffer"], r["time_us"]) for r in _measurements(o)[1]]  # noqa: E731
+    assert times(out) == times(clean)
+    assert _answer(out) == _answer(clean)

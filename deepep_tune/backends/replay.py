@@ -38,6 +38,10 @@ class ReplayBackend(Backend):
     def has(self, op: str, cfg: TuneConfig) -> bool:
         return (op, cfg) in self.times
 
+    def reused(self, op: str, cfg: TuneConfig) -> None:
+        """A resumed run took this answer from its log: count it, so later draws match an uninterrupted run."""
+        self.calls[(op, cfg)] += 1
+
     def measure(self, op: str, cfg: TuneConfig, warmup: int, iters: int) -> LocalResult:
         key = (op, cfg)
         if key not in self.times:
