@@ -367,16 +367,20 @@ def test_resume_after_cut_off_line_keeps_log_readable(replay_run, tmp_path):
 SIZES = (64, 128, 256)
 
 
-def _multi_landscape(path):
-    """64 tokens prefer 8 SMs with (4, 128); 128 and 256 tokens prefer 20 SMs with (8, 256)."""
+SMALL, LARGE = (8, 4, 256), (20, 8, 128)  # (num_sms, chunk, buffer to avoid) each size prefers
+
+
+def _multi_landscape(path, first=SMALL, rest=LARGE):
+    """The first size prefers `first`'s num_sms and chunk, the others `rest`'s (by default 64 tokens prefer
+    8 SMs with (4, 128); 128 and 256 tokens prefer 20 SMs with (8, 256)). Returns the true times."""
     truth = {}
     with open(path, "w") as f:
         for n in SIZES:
             for op, s, c, b in grid_points(R_SMS, R_DCH, R_CCH, R_BUF):
-                if n == 64:
-                    t = 50 + abs(s - 8) * 2 + abs(c - 4) + (b == 256) * 3
+                if n == SIZES[0]:
+                    t = 50 + abs(s - first[0]) * 2 + abs(c - first[1]) + (b == first[2]) * 3
                 else:
-                    t = (50 + abs(s - 20) * 2 + abs(c - 8) + (b == 128) * 3) * n / 128
+                    t = (50 + abs(s - rest[0]) * 2 + abs(c - rest[1]) + (b == rest[2]) * 3) * n / 128
                 t = float(t + (10 if op == "combine" else 0))
                 truth[(n, op, s, c, b)] = t
                 f.write(json.dumps({"num_tokens": n, "op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b,
@@ -447,22 +451,9 @@ def test_several_token_counts_baselines_match_the_recommended_config(multi_run):
             assert b["speedup"] == pytest.approx(b["total_us"] / best["total_us"], abs=2e-3), name
 
 
-def _multi_landscape_first_prefers_more_sms(path):
-    """64 tokens prefer 20 SMs; 128 and 256 tokens prefer 8: the answer for all sizes uses 8 SMs."""
-    with open(path, "w") as f:
-        for n in SIZES:
-            for op, s, c, b in grid_points(R_SMS, R_DCH, R_CCH, R_BUF):
-                if n == 64:
-                    t = 50 + abs(s - 20) * 2 + abs(c - 8) + (b == 128) * 3
-                else:
-                    t = (50 + abs(s - 8) * 2 + abs(c - 4) + (b == 256) * 3) * n / 128
-                f.write(json.dumps({"num_tokens": n, "op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b,
-                                    "time_us": float(t + (10 if op == "combine" else 0))}) + "\n")
-
-
 def test_several_token_counts_sm_advice_never_exceeds_the_answer(tmp_path):
     land = tmp_path / "multi.jsonl"
-    _multi_landscape_first_prefers_more_sms(land)
+    _multi_landscape(land, first=LARGE, rest=SMALL)  # the answer for all sizes uses 8 SMs
     out = tmp_path / "out"
     p = run_launch(["2", "full", "--backend", "replay", "--replay", str(land), "--num-tokens",
                     ",".join(map(str, SIZES)), "--out-dir", str(out)], via_run_sh=True)
