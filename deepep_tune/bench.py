@@ -67,7 +67,7 @@ class Reduced:
     iteration: a collective iteration is as slow as its slowest participant. Measured on co-located
     H100 ranks, per-rank samples are bimodal (the rank that starts later waits less, and the roles
     swap between iterations), so each rank's median flips between modes, while the per-iteration max
-    repeats to within ~0.5 %. max_rank_median_us (each rank's median, all-reduced with MAX) is kept too."""
+    repeated within 1 % (benchmarks/noise_probe.py, 2 ranks on one H100). max_rank_median_us (each rank's median, all-reduced with MAX) is kept too."""
 
     time_us: float
     max_rank_median_us: float
