@@ -1,5 +1,6 @@
 """Baseline: torch.distributed.all_to_all_single moving the same tokens as dispatch and combine (what
-torchtitan's "standard" token dispatcher does: a count exchange, then the rows)."""
+torchtitan's "standard" token dispatcher does: a count exchange, then the rows), and NCCL's time for the
+rows alone, which says what the node's links give an all-to-all of the same bytes."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .bench import Timer, bench, reduce_samples
+from .bench import Timer, bench_parts, reduce_samples
 from .routing import make_routing
 from .workload import Workload
 
 
 def time_all_to_all(w: Workload, rank: int, world: int, device: torch.device, group: Any, timer: Timer,
-                    warmup: int, iters: int, flush: Any = None) -> dict[str, float]:
+                    warmup: int, iters: int, flush: Any = None) -> dict[str, Any]:
     rt = make_routing(w, rank, world)
     send_rows = rt.num_tokens_per_rank.tolist()
     order = torch.cat([rt.is_token_in_rank[:, d].nonzero().flatten() for d in range(world)])
@@ -35,11 +36,17 @@ def time_all_to_all(w: Workload, rank: int, world: int, device: torch.device, gr
         rows = c.tolist()  # the host needs the counts to size the receive buffer: a CPU sync, as in DeepEP
         dist.all_to_all_single(recv[:sum(rows)], send, rows, send_rows, group=group)
 
+    def dispatch_rows() -> None:
+        dist.all_to_all_single(recv, send, recv_rows, send_rows, group=group)
+
     def combine() -> None:
         dist.all_to_all_single(back, back_send, send_rows, recv_rows, group=group)
 
-    out = {}
-    for op, fn in (("dispatch", dispatch), ("combine", combine)):
-        samples = bench(fn, warmup=warmup, iters=iters, timer=timer, before_each=flush)
-        out[op] = reduce_samples(samples, False, iters).time_us
+    out: dict[str, Any] = {}
+    for name, fn in (("dispatch", dispatch), ("dispatch_rows", dispatch_rows), ("combine", combine)):
+        samples = bench_parts([fn], warmup=warmup, iters=iters, timer=timer, before_each=flush)[0]
+        out[f"{name}_us"] = round(reduce_samples({name: samples}, (name,), False, iters).time_us, 2)
+    out["total_us"] = round(out["dispatch_us"] + out["combine_us"], 2)
+    out["what"] = ("torch.distributed.all_to_all_single: count exchange + rows (dispatch), rows back (combine); "
+                   "dispatch_rows: the rows alone")
     return out

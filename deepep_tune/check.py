@@ -14,12 +14,14 @@ def check_dispatch(
     recv_topk_idx: torch.Tensor | None,
     recv_topk_weights: torch.Tensor | None,
     num_recv_per_expert: list[int] | None,
+    expert_alignment: int = 1,
 ) -> str | None:
     n = exp.recv_values.numel()
     if recv_x.shape[0] != n:
         return f"received {recv_x.shape[0]} tokens, expected {n}"
-    if num_recv_per_expert is not None and list(num_recv_per_expert) != exp.num_recv_per_expert:
-        return f"per-expert counts {list(num_recv_per_expert)[:8]}... differ from expected {exp.num_recv_per_expert[:8]}..."
+    want_counts = [-(-c // expert_alignment) * expert_alignment for c in exp.num_recv_per_expert]
+    if num_recv_per_expert is not None and list(num_recv_per_expert) != want_counts:
+        return f"per-expert counts {list(num_recv_per_expert)[:8]}... differ from expected {want_counts[:8]}..."
     want = exp.recv_values.to(recv_x.device)
     if recv_scales is None:
         got_ok = (recv_x.float() == want[:, None]).all(dim=1)

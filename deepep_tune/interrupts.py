@@ -1,13 +1,15 @@
-"""Stopping a run: SIGINT/SIGTERM handling in a rank, and the marker that tells run.sh a stop was on purpose."""
+"""Stopping a run: SIGINT/SIGTERM handling in a rank, and the log events that tell run.sh why a run stopped."""
 
 from __future__ import annotations
 
 import _thread
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from typing import Any
 
 EXIT_INTERRUPTED = 130
 
@@ -20,32 +22,40 @@ def set_log(log: str) -> None:
     _log = log
 
 
-def interrupt_marker(log: str) -> str:
-    """A file next to the log that says the run was stopped on purpose (so run.sh does not relaunch it)."""
-    return log + ".interrupted"
+def current_log() -> str | None:
+    return _log
+
+
+def append_event(path: str, rec: dict[str, Any]) -> None:
+    """One line appended with a single O_APPEND write: safe beside the rank's own log writer (whole lines,
+    never interleaved) and from a signal-waiting thread while the main thread is stuck in CUDA."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return
+    try:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def gpu_busy_marker(log: str) -> str:
-    """A file next to the log that says start-up found the GPU busy for now (run.sh waits and retries)."""
+    """A file next to the log that says start-up found the GPU busy for now (run.sh waits and retries). A
+    marker, not a log event: the log does not exist yet when the backend fails to start."""
     return log + ".gpu_busy"
-
-
-def _touch(path: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        open(path, "a").close()
-    except OSError:
-        pass
-
-
-def mark_interrupted() -> None:
-    if _log:
-        _touch(interrupt_marker(_log))
 
 
 def mark_gpu_busy() -> None:
     if _log:
-        _touch(gpu_busy_marker(_log))
+        os.makedirs(os.path.dirname(_log) or ".", exist_ok=True)
+        open(gpu_busy_marker(_log), "a").close()
+
+
+def mark_interrupted() -> None:
+    """The log says the run was stopped on purpose (so run.sh does not relaunch it, and a resume measures the
+    config in flight again instead of recording it as crashed)."""
+    if _log and os.path.exists(_log):
+        append_event(_log, {"event": "interrupted", "t": time.time()})
 
 
 def install_signal_handlers(rank: int) -> None:
@@ -84,7 +94,7 @@ def install_signal_handlers(rank: int) -> None:
         info = signal.sigwaitinfo(sigs)
         if info.si_pid != os.getppid():
             user_interrupted = True
-            mark_interrupted()
+            mark_interrupted()  # any rank: the user may have signalled one rank only
         _thread.interrupt_main()
         stop_soon()
 

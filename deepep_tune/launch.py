@@ -4,19 +4,19 @@ resumed run records that config as failed). Bounded retries; Ctrl-C stops everyt
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 
-from .interrupts import gpu_busy_marker, interrupt_marker
+from .gpus import gpu_count
+from .interrupts import append_event, gpu_busy_marker
 from .logio import LogContents, LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
-from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error, options_from_args,
-                      resume_error)
+from .options import Options, build_parser, check_options, drop_options, parse_options, rerun_command, resume_error
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
@@ -24,17 +24,59 @@ STARTUP_WAITS, STARTUP_WAIT_S, RELAUNCH_PAUSE_S = 3, 10, 5
 USAGE = "usage: ./run.sh [ranks: 2|4|8, default all GPUs] [quick|full] [tuner flags, see --help]"
 
 
-def _gpu_count() -> int:
-    """Visible GPUs without importing torch (which would add seconds to every launch)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        n = min(n, len([v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]))
-    return n
+@dataclass(frozen=True)
+class History:
+    relaunches: int = 0
+    progress: int = -1  # measurements + crashed configs in the log at the last relaunch
+    startup_waits: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "done", "stop", "wait" (retry the same launch after a pause) or "relaunch" (with --resume)
+    code: int
+    message: str
+    history: History
+
+
+def decide(rc: int, log: LogContents | None, gpu_busy: bool, interrupted: bool, history: History,
+           retries: int, resume_hint: str) -> Decision:
+    """What to do after torchrun exited with rc, from the log the ranks left and the launcher's own state."""
+    def stop(code: int, msg: str) -> Decision:
+        return Decision("stop", code, msg, history)
+
+    def wait(msg: str) -> Decision:
+        h = replace(history, startup_waits=history.startup_waits + 1)
+        return Decision("wait", 0, f"{msg}; waiting {STARTUP_WAIT_S} s ({h.startup_waits}/{STARTUP_WAITS})", h)
+
+    if rc == 0:
+        return Decision("done", 0, "", history)
+    if interrupted or (log is not None and log.interrupted):
+        return stop(130, f"interrupted; measurements so far are in the log. Continue with: {resume_hint}")
+    if gpu_busy and history.startup_waits < STARTUP_WAITS:
+        return wait("the GPU is busy (a killed run's kernels are still being cleaned up)")
+    if log is None:
+        return stop(rc or 1, "error: the tuner failed before writing its log (see the messages above)")
+    if log.finished:
+        return Decision("done", rc, "", history)
+    if log.failed:
+        return stop(2, f"error: {log.failed}")
+    if not (log.dangling or log.restart):
+        return stop(rc or 1, "error: the tuner failed outside a measurement (see the messages above); not "
+                             f"relaunching. The log keeps every measurement: {resume_hint}")
+    progress = len(log.measurements) + len(log.dangling)
+    if progress <= history.progress:
+        # Right after a rank died with a kernel in flight, the GPU (the MPS server above all) can refuse new
+        # contexts for a few seconds ("device busy or unavailable"): give it time before giving up.
+        if history.startup_waits < STARTUP_WAITS:
+            return wait("start-up failed right after a crash; giving the GPU time to recover")
+        return stop(rc or 1, f"error: relaunching made no progress; not relaunching again. {resume_hint}")
+    if history.relaunches >= retries:
+        return stop(rc or 1, f"error: gave up after {retries} relaunches; the log keeps every measurement. "
+                             f"Continue with: {resume_hint}")
+    h = History(history.relaunches + 1, progress, 0)
+    why = "the GPU context was lost" if log.restart and not log.dangling else "a rank died or hung"
+    return Decision("relaunch", rc, f"{why} (exit {rc}); relaunching to resume (attempt {h.relaunches}/{retries})", h)
 
 
 def _log(path: str) -> LogContents | None:
@@ -44,11 +86,6 @@ def _log(path: str) -> LogContents | None:
         return None
 
 
-def _progress(log: LogContents) -> int:
-    """Measurements recorded plus configs started and never finished (both are progress for a relaunch)."""
-    return len(log.measurements) + len(log.dangling)
-
-
 def _file_error(o: Options, ranks: int, resume_path: str | None) -> str | None:
     """A foreign, unreadable, finished or mismatched --resume log, or a bad --replay landscape, is refused
     before any rank starts."""
@@ -56,19 +93,19 @@ def _file_error(o: Options, ranks: int, resume_path: str | None) -> str | None:
         if o.replay:
             read_landscape(o.replay)
         if resume_path:
-            return resume_error(read_log(resume_path), o, ranks)
+            log = read_log(resume_path)
+            return resume_error(log.header, log.finished, resume_path, o, ranks)
     except LogError as e:
         return str(e)
     return None
 
 
-def _append_event(path: str, rec: dict) -> None:
-    """The ranks are gone; note in their log that the run was stopped on purpose, so a resume measures the
-    config in flight again instead of recording it as crashed."""
+def note_interrupted(path: str) -> None:
+    """The ranks are gone: note in their log that the stop was on purpose, so a resume measures the config
+    in flight again instead of recording it as crashed."""
     if os.path.exists(path):
         drop_partial_line(path)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_event(path, {"event": "interrupted", "t": time.time()})
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
@@ -76,8 +113,9 @@ def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
     return [*launcher, "--standalone", "--nproc_per_node", str(nproc), SCRIPT, *args]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int:
+    """(ranks, mode, flags, options, log path) for a valid command line, else the exit code after printing
+    the reason (one line)."""
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         build_parser().print_help()
@@ -86,49 +124,47 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].lstrip("-").isdigit():
         ranks = int(argv.pop(0))
     mode = argv.pop(0) if argv and not argv[0].startswith("-") else "quick"
-    try:
-        parsed = build_parser().parse_args(["--mode", mode, *argv])
-    except SystemExit as e:  # argparse already printed its one-line error
-        return 2 if e.code else 0
-    if parsed.list_models:
+    if "--list-models" in argv:
         print(list_models())
         return 0
-    try:
-        o = options_from_args(parsed)
-    except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    gpus = _gpu_count() if o.backend == "deepep" else 0
+    o = parse_options(["--mode", mode, *argv])
+    if isinstance(o, int):
+        return 2 if o else 0
+    gpus = gpu_count() if o.backend == "deepep" else 0
     if ranks is None:
         ranks = gpus if o.backend == "deepep" else 2
     # With no GPU and no rank count, say what is missing (deep_ep, a GPU), not "0 ranks".
-    err = options_error(o, ranks or 2) if ranks == 0 else options_error(o, ranks)
-    if not err and o.backend == "deepep":
-        err = gpu_error(o, ranks, gpus)
+    err = check_options(o, ranks or 2, gpus if o.backend == "deepep" else None)
     resume_path = o.resume or (newest_unfinished(o.out_dir, ranks) if o.resume == "" else None)
     if not err and o.resume == "" and resume_path is None:
         err = (f"--resume: no unfinished EP{ranks} run under {os.path.join(o.out_dir, 'logs')}; "
                "start a new run without --resume")
-    if not err:
-        err = _file_error(o, ranks, resume_path)
+    err = err or _file_error(o, ranks, resume_path)
+    if o.resume is None and not err:
+        run_id = o.run_id or new_run_id()
+        resume_path = log_path(o.out_dir, ranks, run_id)
+        if os.path.exists(resume_path):
+            err = (f"{resume_path} exists (another run uses --run-id {run_id}); pick another --run-id or use "
+                   f"--resume {resume_path}")
+        elif o.run_id is None:
+            argv = [*argv, "--run-id", run_id]
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return ranks, mode, argv, o, resume_path or ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    pre = preflight(list(sys.argv[1:] if argv is None else argv))
+    if isinstance(pre, int):
+        return pre
+    ranks, mode, flags, o, path = pre
     # Each relaunch must record progress (the crashed config at least), so this only bounds a long chain.
     retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "10"))
-    args = ["--mode", mode, *argv]
-    if o.resume is None:
-        run_id = o.run_id or new_run_id()
-        path = log_path(o.out_dir, ranks, run_id)
-        if os.path.exists(path):
-            print(f"error: {path} exists (another run uses --run-id {run_id}); pick another --run-id or use "
-                  f"--resume {path}", file=sys.stderr)
-            return 2
-        if o.run_id is None:
-            args += ["--run-id", run_id]
-    else:
-        path = resume_path or ""
+    args = ["--mode", mode, *flags]
+    resume_hint = rerun_command(ranks, mode, flags, resume=path)
     interrupted = False
+    child: subprocess.Popen | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal interrupted
@@ -136,73 +172,34 @@ def main(argv: list[str] | None = None) -> int:
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
 
-    child: subprocess.Popen | None = None
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    attempt, before, startup_waits = 0, -1, 0
+    history = History()
     t0 = time.time()
     while True:
         cmd = torchrun_cmd(ranks, args)
         print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
-        marker, busy = interrupt_marker(path), gpu_busy_marker(path)
-        for m in (marker, busy):  # left by an earlier run started with torchrun directly
-            if os.path.exists(m):
-                os.unlink(m)
+        busy = gpu_busy_marker(path)
+        if os.path.exists(busy):  # left by an earlier run started with torchrun directly
+            os.unlink(busy)
         child = subprocess.Popen(cmd)
         rc = child.wait()
-        if rc == 0:
-            print(f"[run] done in {time.time() - t0:.1f} s (start-up included)", file=sys.stderr)
-            return 0
-        if os.path.exists(marker):  # a rank got SIGINT/SIGTERM from the user: stopped on purpose, not a crash
-            interrupted = True
-            os.unlink(marker)
-        if interrupted:
-            _append_event(path, {"event": "interrupted"})
-            print(f"[run] interrupted; measurements so far are in {path}. Continue with: "
-                  f"./run.sh {ranks} {mode} {' '.join(argv)} --resume {path}".replace("  ", " "), file=sys.stderr)
-            return 130
-        if os.path.exists(busy) and startup_waits < STARTUP_WAITS:
-            startup_waits += 1
-            print(f"[run] the GPU is busy (a killed run's kernels are still being cleaned up); waiting "
-                  f"{STARTUP_WAIT_S} s ({startup_waits}/{STARTUP_WAITS})", file=sys.stderr, flush=True)
+        log = _log(path)
+        d = decide(rc, log, os.path.exists(busy), interrupted, history, retries, resume_hint)
+        history = d.history
+        if d.action == "done":
+            if rc == 0:
+                print(f"[run] done in {time.time() - t0:.1f} s (start-up included)", file=sys.stderr)
+            return d.code
+        if d.action == "stop":
+            if d.code == 130 and log is not None and not log.interrupted:
+                note_interrupted(path)
+            print(("[run] " if d.code == 130 else "") + d.message, file=sys.stderr)
+            return d.code
+        print(f"[run] {d.message}", file=sys.stderr, flush=True)
+        if d.action == "wait":
             time.sleep(STARTUP_WAIT_S)
             continue
-        log = _log(path)
-        if log is None:
-            print("error: the tuner failed before writing its log (see the messages above)", file=sys.stderr)
-            return rc or 1
-        if log.finished:
-            return rc
-        if log.failed:
-            print(f"error: {log.failed}", file=sys.stderr)
-            return 2
-        if not (log.dangling or log.restart):
-            print("error: the tuner failed outside a measurement (see the messages above); not relaunching. "
-                  f"The log {path} keeps every measurement (--resume {path})", file=sys.stderr)
-            return rc or 1
-        now = _progress(log)
-        if now <= before:
-            # Right after a rank died with a kernel in flight, the GPU (the MPS server above all) can refuse
-            # new contexts for a few seconds ("device busy or unavailable"): give it time before giving up.
-            if startup_waits < STARTUP_WAITS:
-                startup_waits += 1
-                print(f"[run] start-up failed right after a crash; waiting {STARTUP_WAIT_S} s for the GPU to "
-                      f"recover ({startup_waits}/{STARTUP_WAITS})", file=sys.stderr, flush=True)
-                time.sleep(STARTUP_WAIT_S)
-                continue
-            print("error: relaunching made no progress; not relaunching again. "
-                  f"The log {path} keeps every measurement (--resume {path})", file=sys.stderr)
-            return rc or 1
-        startup_waits = 0
-        attempt += 1
-        if attempt > retries:
-            print(f"error: gave up after {retries} relaunches; the log {path} keeps every measurement. "
-                  f"Continue with --resume {path}", file=sys.stderr)
-            return rc or 1
-        before = now
-        why = "the GPU context was lost" if log.restart and not log.dangling else "a rank died or hung"
-        print(f"[run] {why} (exit {rc}); relaunching to resume {path} (attempt {attempt}/{retries})",
-              file=sys.stderr, flush=True)
         args = drop_options(args, ("--resume",)) + ["--resume", path]
         time.sleep(RELAUNCH_PAUSE_S)
 

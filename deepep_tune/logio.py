@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from .space import OPS, TuneConfig
 
+
 class LogError(Exception):
     """A log or landscape file that cannot be used; the message says what to do."""
 
@@ -64,6 +65,7 @@ class LogContents:
     resumes: int = 0
     failed: str | None = None  # the run stopped on an error that a relaunch cannot fix
     restart: bool = False  # the run stopped so that a fresh process can continue (GPU context lost)
+    interrupted: bool = False  # the user stopped the run (Ctrl-C/SIGTERM)
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -106,7 +108,7 @@ def read_log(path: str) -> LogContents:
             started[rec["seq"]] = rec
         elif isinstance(rec, dict) and rec.get("event") == "resume":
             out.resumes += 1
-            out.failed, out.restart = None, False
+            out.failed, out.restart, out.interrupted = None, False, False
             started.clear()  # the resume wrote a record for each dangling start
         elif isinstance(rec, dict) and rec.get("event") == "failed":
             out.failed = str(rec.get("error"))
@@ -114,6 +116,7 @@ def read_log(path: str) -> LogContents:
             out.restart = True
         elif isinstance(rec, dict) and rec.get("event") == "interrupted":
             started.clear()  # stopped on purpose: the config in flight did not crash, measure it again
+            out.interrupted = True
         elif isinstance(rec, dict) and rec.get("event") == "done":
             out.finished = True
     if out.header is None:

@@ -4,21 +4,24 @@ watchdog, reduces it across ranks, logs it, and replays measurements a resumed r
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import math
 import time
 import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from statistics import fmean
+from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
 
 from .backends.base import Backend
-from .bench import reduce_samples
+from .bench import Reduced, reduce_samples
 from .faults import maybe_inject
 from .logio import LogWriter, measurement_key
-from .search import mean_times
 from .space import TuneConfig
+
+Key = tuple[str, TuneConfig]
 
 
 class ContextLost(RuntimeError):
@@ -33,34 +36,55 @@ class MeasureSettings:
     timeout_s: float = 60.0
 
 
-@dataclass
-class Sequence:
-    """Numbers the measurements of a run (shared by the Measurers of several token counts)."""
+def mean_times(obs: dict[Key, list[float]]) -> dict[Key, float]:
+    """Mean of each config's observations; inf if any observation failed."""
+    return {k: (math.inf if any(math.isinf(x) for x in v) else fmean(v)) for k, v in obs.items() if v}
 
-    last: int = 0
 
-    def next(self) -> int:
-        self.last += 1
-        return self.last
+def measurement_record(op: str, cfg: TuneConfig, tag: dict[str, Any], red: Reduced | None, iters: int | None,
+                       status: str, error: str | None, role: str | None, seq: int) -> dict[str, Any]:
+    """One log line per measurement, the only place its layout is written (red=None: it never finished)."""
+    def finite(x: float | None) -> float | None:
+        return x if x is not None and math.isfinite(x) else None
+
+    rec = {
+        "op": op, **cfg.as_dict(), **tag,
+        "time_us": finite(red.time_us) if red is not None and status == "ok" else None,
+        "median_us": finite(red and red.time_us), "max_rank_median_us": finite(red and red.max_rank_median_us),
+        "min_us": finite(red and red.min_us), "max_us": finite(red and red.max_us),
+        "rank0_median_us": finite(red and red.rank0_median_us),
+        "iters": iters, "status": status, "error": error, "role": role, "seq": seq, "t": time.time(),
+    }
+    if red is not None and len(red.parts_us) > 1:
+        rec["parts_us"] = {k: finite(v) for k, v in red.parts_us.items()}
+    return rec
+
+
+def crashed_record(measure: dict[str, Any], seq: int, error: str) -> dict[str, Any]:
+    """The measurement line for a config whose measurement never finished (a rank died or hung)."""
+    op, cfg = measurement_key(measure)
+    tag = {k: v for k, v in measure.items() if k not in ("op", "num_sms", "nvl_chunk", "nvl_buffer", "role")}
+    return measurement_record(op, cfg, tag, None, None, "crashed", error, measure.get("role"), seq)
 
 
 class Measurer:
+    """Answers time(op, cfg) for one workload (token count) of one backend. `seq` numbers the measurements
+    of a run and is shared by the Measurers of its token counts."""
+
     def __init__(self, backend: Backend, settings: MeasureSettings, rank: int, log: LogWriter | None,
                  prior: list[dict[str, Any]] | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
-                 healthy: Callable[[], bool] | None = None, tag: dict[str, Any] | None = None,
-                 seq: Sequence | None = None) -> None:
+                 tag: dict[str, Any] | None = None, seq: Iterator[int] | None = None) -> None:
         self.backend, self.settings, self.rank, self.log = backend, settings, rank, log
-        self.prior: dict[tuple[str, TuneConfig], list[dict[str, Any]]] = defaultdict(list)
+        self.prior: dict[Key, list[dict[str, Any]]] = defaultdict(list)
         for rec in prior or []:
             self.prior[measurement_key(rec)].append(rec)
-        self.requests: Counter[tuple[str, TuneConfig]] = Counter()
-        self.obs: dict[tuple[str, TuneConfig], list[float]] = defaultdict(list)
+        self.requests: Counter[Key] = Counter()
+        self.obs: dict[Key, list[float]] = defaultdict(list)
         self.records: list[dict[str, Any]] = []
         self.reused = 0
         self.tag = tag or {}
-        self.seq = seq or Sequence(max((r.get("seq", 0) for r in prior or []), default=0))
+        self.seq = seq or itertools.count(max((r.get("seq", 0) for r in prior or []), default=0) + 1)
         self.on_record = on_record
-        self.healthy = healthy
 
     # Oracle interface -------------------------------------------------------------------------
     def time(self, op: str, cfg: TuneConfig) -> float:
@@ -72,51 +96,67 @@ class Measurer:
         self._take(op, cfg, "remeasure", self.settings.iters * self.settings.remeasure_factor)
         return mean_times({(op, cfg): self.obs[(op, cfg)]})[(op, cfg)]
 
-    def observed(self) -> dict[tuple[str, TuneConfig], list[float]]:
+    def observed(self) -> dict[Key, list[float]]:
         return self.obs
 
+    def can_measure(self, op: str, cfg: TuneConfig) -> bool:
+        return self.backend.can_measure(op, cfg)
+
+    def parts_of(self, op: str, cfg: TuneConfig) -> dict[str, float]:
+        """Mean time of each part of op at cfg over its good measurements (search and re-measurements)."""
+        recs = [r for r in self.records if (r["op"], r["num_sms"], r["nvl_chunk"], r["nvl_buffer"]) ==
+                (op, cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer) and r.get("status") == "ok"
+                and r.get("role") in ("search", "remeasure", None)]
+        parts = [r.get("parts_us") or {op: r["time_us"]} for r in recs]
+        return {k: round(fmean(p[k] for p in parts), 2) for k in parts[0]} if parts else {}
+
     # ------------------------------------------------------------------------------------------
-    def _take(self, op: str, cfg: TuneConfig, role: str, iters: int) -> None:
+    def sample(self, op: str, cfg: TuneConfig, role: str) -> float:
+        """One more measurement kept out of the search's observations (the final re-timing); inf if it failed."""
+        rec = self._take(op, cfg, role, self.settings.iters)
+        return float(rec["time_us"]) if rec.get("status") == "ok" and rec.get("time_us") is not None else math.inf
+
+    def _take(self, op: str, cfg: TuneConfig, role: str, iters: int) -> dict[str, Any]:
         key = (op, cfg)
         n = self.requests[key]
         self.requests[key] += 1
         if n < len(self.prior[key]):
             rec = self.prior[key][n]
             self.reused += 1
-            note = getattr(self.backend, "reused", None)  # replay: keep its noise sequence as if measured
-            if note is not None:
-                note(op, cfg)
+            self.backend.reused(op, cfg)
         else:
             rec = self._run(op, cfg, role, iters)
         self.records.append(rec)
-        t = rec.get("time_us")
-        self.obs[key].append(float(t) if rec.get("status") == "ok" and t is not None else math.inf)
+        if role in ("search", "remeasure"):
+            t = rec.get("time_us")
+            self.obs[key].append(float(t) if rec.get("status") == "ok" and t is not None else math.inf)
         if self.on_record:
             self.on_record(rec)
+        return rec
 
     def _write(self, rec: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.write(rec)
 
     def _run(self, op: str, cfg: TuneConfig, role: str, iters: int) -> dict[str, Any]:
-        seq = self.seq.next()
+        seq = next(self.seq)
         self._write({"event": "start", "seq": seq, "measure": {"op": op, **cfg.as_dict(), "role": role, **self.tag},
                      "t": time.time()})
         # The watchdog runs in a C thread, so it fires even while a kernel or a collective holds the GIL.
         faulthandler.dump_traceback_later(self.settings.timeout_s, exit=True)
-        error, samples, status = None, [], "ok"
+        error, parts, status = None, {}, "ok"
         try:
             maybe_inject(op, cfg, self.rank)
             res = self.backend.measure(op, cfg, self.settings.warmup, iters)
-            samples = res.samples_us
+            parts = res.parts
             if res.error:
                 status, error = "wrong", res.error
         except Exception as e:  # noqa: BLE001 - any failure of a config is data, not a crash
             status, error = "error", f"{type(e).__name__}: {e}".strip()
             if not str(e):
                 error += " " + traceback.format_exc(limit=1)
-        lost = status == "error" and self.healthy is not None and not self.healthy()
-        red = reduce_samples(samples, status != "ok", iters)
+        lost = status == "error" and not self.backend.healthy()
+        red = reduce_samples(parts, self.backend.parts(op), status != "ok", iters)
         faulthandler.cancel_dump_traceback_later()
         if red.failed_ranks and dist.is_initialized():
             # Every rank learns every rank's outcome, so all of them record it and, if one GPU is unusable,
@@ -127,26 +167,8 @@ class Measurer:
             status = "error" if any(s == "error" for _, s, _ in failed) else "wrong"
             error = "; ".join(f"rank {r}: {e}" for r, _, e in failed)
             lost = any(x[2] for x in errors)
-        rec = {
-            "op": op, **cfg.as_dict(), **self.tag,
-            "time_us": red.time_us if status == "ok" else None,
-            "median_us": _finite(red.time_us), "max_rank_median_us": _finite(red.max_rank_median_us),
-            "min_us": _finite(red.min_us), "max_us": _finite(red.max_us),
-            "rank0_median_us": _finite(red.rank0_median_us),
-            "iters": iters, "status": status, "error": error, "role": role, "seq": seq, "t": time.time(),
-        }
+        rec = measurement_record(op, cfg, self.tag, red, iters, status, error, role, seq)
         self._write(rec)
         if lost:
             raise ContextLost(f"{op} at {cfg} left the GPU unusable ({error}); restart with --resume")
         return rec
-
-
-def crashed_record(measure: dict[str, Any], seq: int, error: str) -> dict[str, Any]:
-    """The measurement line for a config whose measurement never finished (a rank died or hung)."""
-    return {**{k: v for k, v in measure.items() if k != "role"}, "time_us": None, "median_us": None,
-            "max_rank_median_us": None, "min_us": None, "max_us": None, "rank0_median_us": None, "iters": None,
-            "status": "crashed", "error": error, "role": measure.get("role"), "seq": seq, "t": time.time()}
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -66,3 +66,29 @@ def plot_heatmap(times: dict[tuple[int, int], float], op: str, num_sms: int, tit
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_plots(stem: str, res: dict[str, Any], observed: dict[int, dict[tuple[str, Any], list[float]]]) -> list[str]:
+    """Per token count: the per-num_sms plot and a heatmap per op at the chosen num_sms. `observed` holds each
+    token count's observations ((op, TuneConfig) -> times)."""
+    from .measure import mean_times
+
+    paths = []
+    sections = res.get("per_num_tokens") or {str(res["workload"]["num_tokens"]): res}
+    hw = res["hardware"]
+    for n, obs in observed.items():
+        sec = sections[str(n)]
+        best_sms = sec["best"]["num_sms"]
+        suffix = f"_T{n}" if len(observed) > 1 else ""
+        label = (f"EP{res['ep_size']} {hw.get('device_name')}{' CO-LOCATED' if res['colocated'] else ''}, "
+                 f"{n} tokens/rank, hidden {res['workload']['hidden']}, objective {res.get('objective', 'forward')}")
+        p = f"{stem}{suffix}_sms.png"
+        plot_sms(sec, f"{label}\nbest config at each num_sms ({res['backend']}, {res['mode']})", p)
+        paths.append(p)
+        times = mean_times(obs)
+        for op in ("dispatch", "combine"):
+            cells = {(c.nvl_chunk, c.nvl_buffer): t for (o, c), t in times.items() if o == op and c.num_sms == best_sms}
+            p = f"{stem}{suffix}_heatmap_{op}.png"
+            plot_heatmap(cells, op, best_sms, f"{label}\n{op} at num_sms={best_sms} (blank: not measured)", p)
+            paths.append(p)
+    return paths

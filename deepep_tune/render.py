@@ -8,6 +8,10 @@ from typing import Any
 from tabulate import tabulate
 
 
+# printed without --emit: the target that reaches any deep_ep.Buffer user
+DEFAULT_TARGETS = ("deep_ep_buffer",)
+
+
 def _cfg(c: dict[str, int] | None) -> str:
     return "-" if not c else f"({c['nvl_chunk']}, {c['nvl_buffer']})"
 
@@ -24,33 +28,75 @@ def size_tables(sec: dict[str, Any], best_sms: int) -> list[str]:
                      _us(r["total_us"]), r.get("configs_measured", ""), mark])
     out = [tabulate(rows, headers=["num_sms", "dispatch (chunk, buf)", "dispatch us", "combine (chunk, buf)",
                                    "combine us", "total us", "configs", ""], tablefmt="simple"), ""]
-    brows = []
-    for name, b in sec["baselines"].items():
-        if "skipped" in b:
-            brows.append([name, b["dispatch"]["num_sms"], "-", "-", "-", f"skipped: {b['skipped']}"])
-        else:
-            sp = b.get("speedup")
-            verdict = "-" if not sp else (f"tuned is {sp:.2f}x faster" if sp >= 1 else
-                                          f"baseline is {1 / sp:.2f}x faster (outside the searched space)")
-            brows.append([name, b["dispatch"]["num_sms"], _us(b["dispatch_us"]), _us(b["combine_us"]),
-                          _us(b["total_us"]), verdict])
-    a2a = sec.get("all_to_all")
-    if a2a and "skipped" not in a2a:
-        sp = a2a["deepep_speedup"]
-        verdict = f"DeepEP is {sp:.2f}x faster" if sp >= 1 else f"all_to_all is {1 / sp:.2f}x faster than DeepEP"
-        brows.append(["all_to_all_single", "-", _us(a2a["dispatch_us"]), _us(a2a["combine_us"]), _us(a2a["total_us"]),
-                      verdict])
-    elif a2a:
-        brows.append(["all_to_all_single", "-", "-", "-", "-", f"skipped: {a2a['skipped']}"])
-    out.append(tabulate(brows, headers=["baseline", "num_sms", "dispatch us", "combine us", "total us", "speed-up"],
-                        tablefmt="simple"))
+    out.append(tabulate(baseline_rows(sec), headers=["baseline", "num_sms", "dispatch us", "combine us", "total us",
+                                                     "speed-up of the pick"], tablefmt="simple"))
     bw = sec["bandwidth"]
     out.append("")
     for op in ("dispatch", "combine"):
         if op in bw:
-            out.append(f"[bandwidth] {op}: {bw[op]['deepep_gbps']} GB/s by DeepEP's formula (rank 0, counts tokens it "
-                       f"keeps); {bw[op]['nvlink_gbps']} GB/s of rows crossing between ranks (per rank)")
+            b = bw[op]
+            line = (f"[bandwidth] {op}: {b['deepep_gbps']} GB/s by DeepEP's formula (rank 0, counts tokens it keeps); "
+                    f"{b['nvlink_gbps']} GB/s of rows crossing between ranks (per rank, forward call)")
+            if "fraction_of_link" in b:
+                line += f" = {100 * b['fraction_of_link']:.0f}% of the link's {bw['link_gbps_per_direction']:.0f} GB/s"
+            if "fraction_of_nccl" in b:
+                line += f", {100 * b['fraction_of_nccl']:.0f}% of NCCL all_to_all's {b['nccl_all_to_all_gbps']} GB/s"
+            out.append(line)
     return out
+
+
+def baseline_rows(sec: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, b in sec["baselines"].items():
+        if "skipped" in b:
+            rows.append([name, b["dispatch"]["num_sms"], "-", "-", "-", f"skipped: {b['skipped']}"])
+            continue
+        sp = b.get("speedup")
+        verdict = "-" if not sp else (f"{sp:.2f}x" if sp >= 1 else f"{sp:.2f}x (baseline faster: outside the space)")
+        if sp and "speedup_p10" in b:
+            verdict += f" (p10-p90 {b['speedup_p10']:.2f}-{b['speedup_p90']:.2f}, interleaved)"
+        rows.append([name, b["dispatch"]["num_sms"], _us(b["dispatch_us"]), _us(b["combine_us"]), _us(b["total_us"]),
+                     verdict])
+    a2a = sec.get("all_to_all")
+    if a2a and "skipped" not in a2a:
+        sp = a2a.get("deepep_speedup")
+        verdict = "-" if not sp else (f"DeepEP forward is {sp:.2f}x faster" if sp >= 1 else
+                                      f"all_to_all is {1 / sp:.2f}x faster than DeepEP forward")
+        rows.append(["all_to_all_single", "-", _us(a2a["dispatch_us"]), _us(a2a["combine_us"]), _us(a2a["total_us"]),
+                     verdict])
+    elif a2a:
+        rows.append(["all_to_all_single", "-", "-", "-", "-", f"skipped: {a2a['skipped']}"])
+    return rows
+
+
+def comparison_lines(cmp: dict[str, Any] | None) -> list[str]:
+    if not cmp:
+        return []
+    rows = []
+    for name, c in cmp["candidates"].items():
+        t, sp = c.get("total_us"), c.get("speedup_of_pick")
+        rows.append([name, t and f"{t['median']:.1f} ({t['p10']:.1f}-{t['p90']:.1f})",
+                     sp and f"{sp['median']:.3f} ({sp['p10']:.3f}-{sp['p90']:.3f})" or "-"])
+    return [f"[compare] {cmp['rounds']} interleaved rounds at the first token count", "",
+            tabulate(rows, headers=["candidate", "total us median (p10-p90)", "candidate / pick (p10-p90)"],
+                     tablefmt="simple"), ""]
+
+
+def layer_lines(layer: dict[str, Any] | None) -> list[str]:
+    if not layer:
+        return []
+    if "skipped" in layer:
+        return [f"[layer] skipped: {layer['skipped']}", ""]
+    out = [f"[layer] MoE layer forward + backward, {layer.get('rounds')} interleaved rounds ({layer.get('what', '')})"]
+    for sched, table in layer["schedules"].items():
+        rows = [[name, layer.get("num_sms", {}).get(name), f"{v['median_ms']:.3f}", f"{v['p10_ms']:.3f}-{v['p90_ms']:.3f}",
+                 v.get("speedup_vs_reference") and f"{v['speedup_vs_reference']:.3f}x" or "-"]
+                for name, v in table.items()]
+        out += ["", f"schedule: {sched}", tabulate(rows, headers=["candidate", "num_sms", "median ms", "p10-p90 ms",
+                                                                  "vs DeepEP as shipped"], tablefmt="simple")]
+    if layer.get("note"):
+        out.append(f"[layer] {layer['note']}")
+    return out + [""]
 
 
 def summary(res: dict[str, Any], emit: bool = False) -> str:
@@ -63,7 +109,9 @@ def summary(res: dict[str, Any], emit: bool = False) -> str:
         f"# deepep-tune {res['tool_version']}  EP{res['ep_size']}  mode={res['mode']}  backend={res['backend']}  [{where}]",
         f"# workload: {res['workload']}" + (f" (--model {res['model']})" if res.get("model") else ""),
         f"# {res['num_measurements']} measurements in {res['wall_s']:.1f} s; times are the median over iterations of "
-        "the slowest rank",
+        f"the slowest rank; objective {res.get('objective', 'forward')}"
+        + (" (dispatch = forward dispatch + backward cached dispatch, combine = forward + backward combine)"
+           if res.get("objective") == "train" else ""),
         "",
     ]
     sections = res.get("per_num_tokens") or {str(res["workload"]["num_tokens"]): res}
@@ -71,9 +119,10 @@ def summary(res: dict[str, Any], emit: bool = False) -> str:
         if len(sections) > 1:
             lines += [f"## num_tokens={n}: best num_sms={sec['best']['num_sms']}, total {sec['best']['total_us']} us", ""]
         lines += size_tables(sec, sec["best"]["num_sms"]) + [""]
+    lines += comparison_lines(res.get("comparison")) + layer_lines(res.get("layer_check"))
     d, c = best["dispatch"], best["combine"]
     lines.append(f"[best] num_sms={best['num_sms']}  dispatch (nvl_chunk={d['nvl_chunk']}, nvl_buffer={d['nvl_buffer']})  "
-                 f"combine (nvl_chunk={c['nvl_chunk']}, nvl_buffer={c['nvl_buffer']})")
+                 f"combine (nvl_chunk={c['nvl_chunk']}, nvl_buffer={c['nvl_buffer']})  objective={res.get('objective')}")
     if "by_num_tokens" in best:
         for n, v in best["by_num_tokens"].items():
             lines.append(f"[best] one config for all sizes: at {n} tokens {v['total_us']} us, "
@@ -83,14 +132,16 @@ def summary(res: dict[str, Any], emit: bool = False) -> str:
     adv = res.get("sm_advice")
     if adv and adv["num_sms"] != best["num_sms"]:
         lines.append(f"[advice] {adv['num_sms']} SMs is within {100 * adv['tolerance']:.0f}% ({adv['slower_than_best_pct']}% "
-                     f"slower) and frees {adv['sms_saved']} SMs for compute: {adv['command']}")
+                     f"slower in communication; basis: {adv.get('basis', 'communication')}) and frees "
+                     f"{adv['sms_saved']} SMs for compute: {adv['command']}")
     for note in res["paste"]["buffer_notes"]:
         lines.append(f"[buffer] {note}")
-    lines += ["", res["paste"]["torchtitan_turbo"], "",
-              f"# SGLang: --deepep-config {res['paste'].get('sglang_file', res.get('results_path'))}"]
-    if emit:
-        lines += ["", json.dumps({"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}),
-                  "", res["paste"]["python_patch"]]
-        if adv and adv["num_sms"] != best["num_sms"]:
-            lines += ["", f"# With {adv['num_sms']} SMs (advice above):", adv["torchtitan_turbo"]]
+    paste = {k: v for k, v in res["paste"].items() if k not in ("buffer_notes", "sglang_file")}
+    shown = paste if emit else {k: v for k, v in paste.items() if k in DEFAULT_TARGETS}
+    for text in shown.values():
+        lines += ["", text]
+    lines += ["", f"# SGLang: --deepep-config {res['paste'].get('sglang_file', res.get('results_path'))}"]
+    if not emit:
+        lines.append(f"# every paste target (torchtitan fork versions, SGLang, Primus): --emit, or 'paste' in "
+                     f"{res.get('results_path')}")
     return "\n".join(lines)

@@ -7,16 +7,18 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .consumers import buffer_notes, nvl_size_hint, python_patch_text, sglang_config, torchtitan_turbo_text
-from .search import SmsRow
-from .space import TuneConfig, align, combine_nvl_bytes, deepep_default, dispatch_nvl_bytes
+from .paste import buffer_notes, paste_targets, sglang_config
 from .routing import Traffic
+from .search import Baseline, SmsRow
+from .space import TuneConfig, nvl_bytes_needed, nvl_size_hint
 from .workload import Workload
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# NVLink 4 (H100/H200 SXM): 18 links x 25 GB/s per direction.
+LINK_GBPS_PER_DIRECTION = {"H100": 450.0, "H200": 450.0}
 
 
 def results_name(ep_size: int, backend: str, colocated: bool) -> str:
@@ -43,43 +45,38 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
         raise
 
 
-def nvl_bytes_needed(dispatch: TuneConfig, combine: TuneConfig, w: Workload, ep_size: int) -> dict[str, int]:
-    d = dispatch_nvl_bytes(dispatch, ep_size, w.hidden_bytes, w.num_topk, w.num_scales)
-    c = combine_nvl_bytes(combine, ep_size, w.hidden, w.num_topk)
-    return {"dispatch": d, "combine": c, "num_nvl_bytes": align(max(d, c))}
-
-
-def bandwidth(w: Workload, tr: Traffic, dispatch_us: float, combine_us: float) -> dict[str, Any]:
-    """Two figures per op. deepep_gbps: DeepEP's test formula (rank 0's received rows x hidden x bytes,
-    counting rows a rank sends to itself; comparable to DeepEP's README). nvlink_gbps: only rows that
-    cross between ranks, per rank on average (what NVLink carries)."""
+def bandwidth(w: Workload, tr: Traffic, parts: dict[str, dict[str, float]], device_name: str | None,
+              colocated: bool, a2a: dict[str, Any] | None) -> dict[str, Any]:
+    """Per op, from the forward call's time (parts["dispatch"]["dispatch"], parts["combine"]["combine"]):
+    deepep_gbps, DeepEP's test formula (rank 0's received rows x hidden x bytes, counting rows a rank sends
+    to itself; comparable to DeepEP's README), and nvlink_gbps, only rows that cross between ranks, per rank
+    on average: what one direction of a rank's links carries. On a real node, also that as a fraction of the
+    link's per-direction bandwidth and of what NCCL's all_to_all_single achieves for the same rows."""
     disp_row = w.hidden * (2 if w.dispatch_dtype == "bf16" else 1 + 4 / 128)
     comb_row = w.hidden * 2
     remote = sum(tr.remote_rows) / len(tr.remote_rows)
+    link = None if colocated else next((v for k, v in LINK_GBPS_PER_DIRECTION.items() if k in (device_name or "")), None)
     out: dict[str, Any] = {"note": "deepep_gbps counts rank 0's received rows including its own (DeepEP's formula); "
-                                   "nvlink_gbps counts rows received from other ranks, averaged over ranks"}
-    for op, row, t in (("dispatch", disp_row, dispatch_us), ("combine", comb_row, combine_us)):
-        if math.isfinite(t) and t > 0:
-            out[op] = {"deepep_gbps": round(tr.recv_rows[0] * row / t / 1e3, 2),
-                       "nvlink_gbps": round(remote * row / t / 1e3, 2)}
+                                   "nvlink_gbps counts rows received from other ranks, averaged over ranks, per "
+                                   "second of the forward call"}
+    if link:
+        out["link_gbps_per_direction"] = link
+    nccl_us = {"dispatch": (a2a or {}).get("dispatch_rows_us"), "combine": (a2a or {}).get("combine_us")}
+    for op, row in (("dispatch", disp_row), ("combine", comb_row)):
+        t = parts.get(op, {}).get(op)
+        if t is None or not math.isfinite(t) or t <= 0:
+            continue
+        nv = remote * row / t / 1e3
+        entry = {"deepep_gbps": round(tr.recv_rows[0] * row / t / 1e3, 2), "nvlink_gbps": round(nv, 2)}
+        if link:
+            entry["fraction_of_link"] = round(nv / link, 3)
+        if nccl_us[op] and not colocated:
+            # NCCL moves dispatch rows at their own dtype (fp8 as bytes) without scales; close enough per row
+            nccl = remote * (w.hidden * (2 if op == "combine" or w.dispatch_dtype == "bf16" else 1)) / nccl_us[op] / 1e3
+            entry["nccl_all_to_all_gbps"] = round(nccl, 2)
+            entry["fraction_of_nccl"] = round(nv / nccl, 3)
+        out[op] = entry
     return out
-
-
-@dataclass
-class Baseline:
-    name: str
-    description: str
-    dispatch: TuneConfig
-    combine: TuneConfig
-    dispatch_us: float | None = None
-    combine_us: float | None = None
-    skipped: str | None = None
-
-    @property
-    def total_us(self) -> float | None:
-        if self.dispatch_us is None or self.combine_us is None:
-            return None
-        return self.dispatch_us + self.combine_us
 
 
 def _row(r: SmsRow) -> dict[str, Any]:
@@ -103,10 +100,15 @@ class SizeOutcome:
     traffic: Traffic
     spread: dict[str, Any]
     a2a: dict[str, Any] | None = None
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)  # the pick's time per part, per op
 
 
-def baselines_section(baselines: list[Baseline], best_total_us: float) -> dict[str, Any]:
+def baselines_section(baselines: list[Baseline], best_total_us: float,
+                      comparison: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each baseline's search-time measurement; with a final comparison, the speed-up of the pick over it
+    comes from the interleaved re-timing (search_speedup keeps the search-time ratio)."""
     base_out = {}
+    retimed = (comparison or {}).get("candidates", {})
     for b in baselines:
         entry: dict[str, Any] = {"description": b.description, "dispatch": b.dispatch.as_dict(),
                                  "combine": b.combine.as_dict()}
@@ -114,47 +116,58 @@ def baselines_section(baselines: list[Baseline], best_total_us: float) -> dict[s
             entry["skipped"] = b.skipped
         else:
             total = b.total_us
-            entry.update(dispatch_us=_r(b.dispatch_us), combine_us=_r(b.combine_us), total_us=_r(total),
-                         speedup=round(total / best_total_us, 3) if total is not None and math.isfinite(total) else None)
+            ratio = round(total / best_total_us, 3) if total is not None and math.isfinite(total) else None
+            entry.update(dispatch_us=_r(b.dispatch_us), combine_us=_r(b.combine_us), total_us=_r(total), speedup=ratio)
+            sp = retimed.get(b.name, {}).get("speedup_of_pick")
+            if sp:
+                entry.update(speedup=sp["median"], speedup_p10=sp["p10"], speedup_p90=sp["p90"], search_speedup=ratio,
+                             retimed_total_us=retimed[b.name]["total_us"])
         base_out[b.name] = entry
     return base_out
 
 
-def size_section(o: SizeOutcome) -> dict[str, Any]:
+def size_section(o: SizeOutcome, hw: dict[str, Any], colocated: bool) -> dict[str, Any]:
     best = o.best
     assert best.dispatch is not None and best.combine is not None
-    base_out = baselines_section(o.baselines, best.total_us)
     out: dict[str, Any] = {
         "num_tokens": o.workload.num_tokens,
         "best": {
             "num_sms": best.num_sms,
-            "dispatch": {**best.dispatch.as_dict(), "time_us": _r(best.dispatch_us), **o.spread.get("dispatch", {})},
-            "combine": {**best.combine.as_dict(), "time_us": _r(best.combine_us), **o.spread.get("combine", {})},
+            "dispatch": {**best.dispatch.as_dict(), "time_us": _r(best.dispatch_us), **o.spread.get("dispatch", {}),
+                         **({"parts_us": o.parts["dispatch"]} if len(o.parts.get("dispatch", {})) > 1 else {})},
+            "combine": {**best.combine.as_dict(), "time_us": _r(best.combine_us), **o.spread.get("combine", {}),
+                        **({"parts_us": o.parts["combine"]} if len(o.parts.get("combine", {})) > 1 else {})},
             "total_us": _r(best.total_us),
         },
         "per_num_sms": [_row(r) for r in o.rows],
-        "baselines": base_out,
-        "bandwidth": bandwidth(o.workload, o.traffic, best.dispatch_us, best.combine_us),
+        "baselines": baselines_section(o.baselines, best.total_us),
+        "bandwidth": bandwidth(o.workload, o.traffic, o.parts, hw.get("device_name"), colocated, o.a2a),
     }
     if o.a2a is not None:
         a = dict(o.a2a)
         if "total_us" in a:
-            a["deepep_speedup"] = round(a["total_us"] / best.total_us, 3)
+            fwd = sum(o.parts.get(op, {}).get(op, math.nan) for op in ("dispatch", "combine"))
+            a["deepep_speedup"] = round(a["total_us"] / fwd, 3) if math.isfinite(fwd) else None
+            a["deepep_compared"] = "DeepEP's forward dispatch + combine of the pick"
         out["all_to_all"] = a
     return out
 
 
 def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome],
                   overall: tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]] | None,
-                  advice: dict[str, Any] | None, overall_baselines: list[Baseline] | None = None) -> dict[str, Any]:
+                  advice: dict[str, Any] | None, overall_baselines: list[Baseline] | None = None,
+                  answer_parts: dict[str, dict[str, float]] | None = None, comparison: dict[str, Any] | None = None,
+                  layer: dict[str, Any] | None = None, results_path: str = "RESULTS.json") -> dict[str, Any]:
     """Top level: the answer (normal_dispatch/normal_combine, paste targets) and the first token count's
     tables, with baselines compared against the answer; per_num_tokens (each size against its own best)
     and best.by_num_tokens when several token counts were tuned."""
-    primary = size_section(sizes[0])
+    hw, colocated = meta.get("hardware", {}), bool(meta.get("colocated"))
+    primary = size_section(sizes[0], hw, colocated)
     w = sizes[0].workload
     if overall is None:
         disp, comb = sizes[0].best.dispatch, sizes[0].best.combine
         best = primary["best"]
+        primary["baselines"] = baselines_section(sizes[0].baselines, sizes[0].best.total_us, comparison)
     else:
         disp, comb, by_size = overall
         best = {"num_sms": disp.num_sms, "dispatch": disp.as_dict(), "combine": comb.as_dict(),
@@ -164,14 +177,13 @@ def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome
         best["dispatch"]["time_us"], best["combine"]["time_us"] = first["dispatch_us"], first["combine_us"]
         best["total_us"] = first["total_us"]
         if overall_baselines is not None:
-            primary["baselines"] = baselines_section(overall_baselines, first["total_us"])
-        primary["bandwidth"] = bandwidth(w, sizes[0].traffic, first["dispatch_us"], first["combine_us"])
+            primary["baselines"] = baselines_section(overall_baselines, first["total_us"], comparison)
+        primary["bandwidth"] = bandwidth(w, sizes[0].traffic, answer_parts or {}, hw.get("device_name"), colocated,
+                                         sizes[0].a2a)
     assert disp is not None and comb is not None
     nvl = nvl_bytes_needed(disp, comb, w, ep_size)
     hb = w.hidden * max(w.elem_size, 2)
-    hint = max(nvl_size_hint(disp, hb, ep_size), nvl_size_hint(comb, hb, ep_size))
-    default_hint = max(nvl_size_hint(deepep_default(op, ep_size), hb, ep_size) for op in ("dispatch", "combine"))
-    nvl["size_hint"] = hint
+    nvl["size_hint"] = max(nvl_size_hint(disp, hb, ep_size), nvl_size_hint(comb, hb, ep_size))
     res = {
         "schema_version": SCHEMA_VERSION,
         **meta,
@@ -180,15 +192,14 @@ def build_results(*, meta: dict[str, Any], ep_size: int, sizes: list[SizeOutcome
         "num_tokens_tuned": [s.workload.num_tokens for s in sizes],
         "best": best,
         **{k: v for k, v in primary.items() if k not in ("best", "num_tokens")},
+        "comparison": comparison,
+        "layer_check": layer,
         "sm_advice": advice,
         "nvl_buffer_bytes": nvl,
-        "paste": {
-            "torchtitan_turbo": torchtitan_turbo_text(disp, comb, nvl["num_nvl_bytes"]),
-            "python_patch": python_patch_text(disp, comb, ep_size),
-            "buffer_notes": buffer_notes(nvl["num_nvl_bytes"], hint, default_hint),
-        },
+        "paste": {**paste_targets(disp, comb, ep_size, w, results_path),
+                  "buffer_notes": buffer_notes(disp, comb, ep_size, w)},
         **sglang_config(disp, comb),
     }
     if len(sizes) > 1:
-        res["per_num_tokens"] = {str(s.workload.num_tokens): size_section(s) for s in sizes}
+        res["per_num_tokens"] = {str(s.workload.num_tokens): size_section(s, hw, colocated) for s in sizes}
     return res

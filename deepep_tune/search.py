@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import fmean
-from typing import Protocol
+from typing import Any, Protocol
 
-from .space import OPS, Space, TuneConfig
+from .bench import quantiles
+from .measure import mean_times
+from .space import COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, deepep_default
 
 
 class Oracle(Protocol):
@@ -24,6 +25,16 @@ class Oracle(Protocol):
 
     def observed(self) -> dict[tuple[str, TuneConfig], list[float]]:
         """Every observation so far."""
+
+    def can_measure(self, op: str, cfg: TuneConfig) -> bool:
+        """False for a config that cannot be measured at all (a replayed landscape may lack it)."""
+
+    def sample(self, op: str, cfg: TuneConfig, role: str) -> float:
+        """One more measurement that does not join the observations (the final re-timing)."""
+
+
+class SearchError(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -38,10 +49,6 @@ class SmsRow:
     @property
     def total_us(self) -> float:
         return self.dispatch_us + self.combine_us
-
-
-def mean_times(obs: dict[tuple[str, TuneConfig], list[float]]) -> dict[tuple[str, TuneConfig], float]:
-    return {k: (math.inf if any(math.isinf(x) for x in v) else fmean(v)) for k, v in obs.items() if v}
 
 
 def _best(times: dict[tuple[str, TuneConfig], float], op: str, num_sms: int) -> tuple[TuneConfig | None, float]:
@@ -204,3 +211,107 @@ def choose_overall(totals: dict[Candidate, dict[int, float]], best_at: dict[int,
     ok = [c for c in totals if all(math.isfinite(t) for t in totals[c].values())] or list(totals)
     best = min(ok, key=lambda c: (sum(losses(c).values()), c[0].num_sms, c))
     return best, losses(best)
+
+
+@dataclass
+class Baseline:
+    """A fixed config the pick is compared with, measured like any config."""
+
+    name: str
+    description: str
+    dispatch: TuneConfig
+    combine: TuneConfig
+    dispatch_us: float | None = None
+    combine_us: float | None = None
+    skipped: str | None = None
+
+    @property
+    def total_us(self) -> float | None:
+        if self.dispatch_us is None or self.combine_us is None:
+            return None
+        return self.dispatch_us + self.combine_us
+
+
+def make_baselines(ep_size: int, best_sms: int) -> list[Baseline]:
+    r = ep_size
+    return [
+        Baseline("deepep_default", f"DeepEP's get_dispatch/combine_config for {r} ranks at the tuned num_sms",
+                 deepep_default("dispatch", r, best_sms), deepep_default("combine", r, best_sms)),
+        Baseline("deepep_default_20sms", f"DeepEP as shipped: Buffer.num_sms={DEEPEP_DEFAULT_NUM_SMS} and its "
+                                         f"{r}-rank table", deepep_default("dispatch", r), deepep_default("combine", r)),
+        Baseline("community_24_8_256", "Config(24, 8, 256) for both ops (upstream test and widely pasted)",
+                 TuneConfig(*COMMUNITY_CONFIG), TuneConfig(*COMMUNITY_CONFIG)),
+    ]
+
+
+def baseline_configs(ep_size: int, sms_values: list[int]) -> list[tuple[str, TuneConfig]]:
+    """Every config a baseline may measure: DeepEP's table at any num_sms of the space, and (24, 8, 256)."""
+    return [(op, deepep_default(op, ep_size, s)) for op in OPS for s in set(sms_values) | {DEEPEP_DEFAULT_NUM_SMS}] \
+        + [(op, TuneConfig(*COMMUNITY_CONFIG)) for op in OPS]
+
+
+def measure_baselines(oracle: Oracle, bases: list[Baseline], sms_cap: int | None) -> list[Baseline]:
+    for b in bases:
+        if sms_cap is not None and b.dispatch.num_sms > sms_cap:
+            b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {sms_cap}"
+            continue
+        if not (oracle.can_measure("dispatch", b.dispatch) and oracle.can_measure("combine", b.combine)):
+            b.skipped = "not in the replayed landscape"
+            continue
+        # measured like any config; one the search already measured is not measured again
+        d, c = oracle.time("dispatch", b.dispatch), oracle.time("combine", b.combine)
+        b.dispatch_us = d if math.isfinite(d) else None
+        b.combine_us = c if math.isfinite(c) else None
+    return bases
+
+
+def search_and_baselines(oracle: Oracle, space: Space, mode: str, ep_size: int, max_sms: int | None,
+                         sms_cap: int | None) -> tuple[SmsRow, list[SmsRow], list[Baseline]]:
+    """The search, the noise guard, the pick under the SM budget, then the baselines at the pick's num_sms."""
+    STRATEGIES[mode](oracle, space)
+    refine(oracle, space, max_sms)
+    rows = per_sms_table(oracle.observed(), space)
+    best = pick(rows, max_sms)
+    if best is None:
+        raise SearchError("every config failed; see the log for the errors")
+    # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick
+    # becomes the pick (then DeepEP's default is measured again at the new num_sms, so "at the tuned
+    # num_sms" stays true and every speed-up is against the reported answer).
+    for _ in range(3):
+        bases = measure_baselines(oracle, make_baselines(ep_size, best.num_sms), sms_cap)
+        rows = per_sms_table(oracle.observed(), space)
+        new = pick(rows, max_sms)
+        moved = new is not None and new.num_sms != best.num_sms
+        best = new or best
+        if not moved:
+            break
+    return best, rows, bases
+
+
+def retime(oracle: Oracle, candidates: dict[str, Candidate], rounds: int, reference: str) -> dict[str, Any]:
+    """Re-time the candidates interleaved: every round measures each once, in an order rotated by one per
+    round, so drift or a noisy moment hits all alike. Speed-ups are per-round ratios against `reference`
+    (the pick), summarised as median and p10-p90."""
+    names = list(candidates)
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    parts: dict[str, dict[str, list[float]]] = {n: {"dispatch": [], "combine": []} for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            d, c = candidates[n]
+            td, tc = oracle.sample("dispatch", d, "retime"), oracle.sample("combine", c, "retime")
+            parts[n]["dispatch"].append(td)
+            parts[n]["combine"].append(tc)
+            totals[n].append(td + tc)
+    out: dict[str, Any] = {}
+    for n in names:
+        ok = [t for t in totals[n] if math.isfinite(t)]
+        entry: dict[str, Any] = {"rounds": rounds, "failed_rounds": rounds - len(ok)}
+        if ok:
+            entry["total_us"] = {k: round(v, 2) for k, v in quantiles(ok).items()}
+            for op in OPS:
+                entry[f"{op}_us"] = round(quantiles([t for t in parts[n][op] if math.isfinite(t)])["median"], 2)
+        ratios = [b / a for a, b in zip(totals[reference], totals[n]) if math.isfinite(a) and math.isfinite(b)]
+        if n != reference and ratios:
+            entry["speedup_of_pick"] = {k: round(v, 3) for k, v in quantiles(ratios).items()}
+        out[n] = entry
+    return out

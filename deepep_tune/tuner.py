@@ -1,44 +1,73 @@
-"""One rank of a tuning run (launched by torchrun): set up, search, measure baselines, write outputs."""
+"""One rank of a tuning run (launched by torchrun). `tune()` reads top to bottom: open the run (resume
+state, backend, space, log), tune each token count (search + baselines), pick one config for all sizes,
+re-time the pick against the baselines interleaved, optionally time a MoE layer, then write the outputs."""
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import replace
+import glob
+import json
 import math
 import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from . import __version__, interrupts
 from .backends.base import Backend
-from .models import list_models
-from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
-from .a2a import time_all_to_all
 from .faults import extra_configs
-from .consumers import torchtitan_turbo_text
-from .measure import ContextLost, MeasureSettings, Measurer, Sequence, crashed_record
-from .options import (Options, OptionsError, build_parser, drop_options, gpu_error, options_error,
-                      options_from_args, resume_error)
+from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
+from .measure import ContextLost, MeasureSettings, Measurer, crashed_record
+from .models import list_models
+from .options import Options, check_options, layer_shape, parse_options, rerun_command, resume_error
 from .render import summary
-from .results import Baseline, SizeOutcome, build_results, nvl_bytes_needed, results_name, write_json_atomic
-from .search import STRATEGIES, SmsRow, choose_overall, mean_times, pick, per_sms_table, refine, sm_advice
-from .space import (COMMUNITY_CONFIG, DEEPEP_DEFAULT_NUM_SMS, OPS, Space, TuneConfig, align, build_space,
-                    combine_nvl_bytes, deepep_default, dispatch_nvl_bytes, mode_axes)
+from .results import SizeOutcome, build_results, results_name, write_json_atomic
 from .routing import traffic
+from .search import (Baseline, SearchError, SmsRow, baseline_configs, choose_overall, make_baselines,
+                     measure_baselines, per_sms_table, retime, search_and_baselines, sm_advice)
+from .space import OPS, Space, TuneConfig, align, build_space, int32_overflow, mode_axes, nvl_bytes, space_from_points
+from .workload import Workload
 
 EXIT_BAD_INPUT = 2
 EXIT_CONTEXT_LOST = 3
-REFERENCE_SMS_CAP = 32
-CRASHED = "a rank died or hung during this measurement (device trap, abort, or the hang watchdog)"  # the reference backend has no SMs; sweep the grid of a small co-located GPU
+CRASHED = "a rank died or hung during this measurement (device trap, abort, or the hang watchdog)"
+T = TypeVar("T")
 
 
 class UsageError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
+    argv: tuple[str, ...]  # this run's flags, for the commands it prints
+
+
+@dataclass
+class Opened:
+    """A run ready to measure: its backend, space and log, and what a resumed log already holds."""
+
+    backend: Backend
+    space: Space
+    pruned: int
+    log: LogWriter | None
+    log_path: str
+    prior: list[dict[str, Any]]
+
+    def close(self) -> None:
+        try:
+            self.backend.close()
+        finally:
+            if self.log is not None:
+                self.log.close()
 
 
 def _say(rank: int, msg: str) -> None:
@@ -46,409 +75,418 @@ def _say(rank: int, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _agree_error(err: str | None) -> str | None:
-    """All ranks learn whether any rank found an error (so they exit together, not hang)."""
+def on_all_ranks(step: Callable[[], T], what: str, rank: int) -> T:
+    """Run a set-up step on every rank; if it fails on any rank, every rank raises the same one-line error
+    (so they exit together instead of hanging in the next collective)."""
+    result, err = None, None
+    try:
+        result = step()
+    except (UsageError, LogError, OSError) as e:
+        err = str(e)
+    except ImportError as e:
+        err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
+    except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory allocating the Buffer: one line, all ranks
+        err = f"{what} failed on rank {rank}: {type(e).__name__}: {e}"
+        if "busy or unavailable" in str(e):
+            # Seen right after a run was killed with kernels in flight under MPS: it passes in seconds.
+            interrupts.mark_gpu_busy()
     errs: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errs, err)
-    return next((e for e in errs if e), None)
+    first = next((e for e in errs if e), None)
+    if first:
+        raise UsageError(first)
+    return result  # type: ignore[return-value]
 
 
-def colocated_sms_cap(device_sms: int, ranks_per_gpu: int) -> int:
-    """Every co-located rank's kernel spins on its peers, so all ranks' blocks must be resident at once."""
-    return ((device_sms - 1) // ranks_per_gpu) // 2 * 2
-
-
-class Run:
-    def __init__(self, o: Options, rank: int, world: int, local_rank: int) -> None:
-        self.o, self.rank, self.world, self.local_rank = o, rank, world, local_rank
-        self.t0 = time.time()
-        self.log: LogWriter | None = None
-        self.backend: Any = None
-        self.nccl: Any = None
-        self.measurers: dict[int, Measurer] = {}
-        self.sms_cap: int | None = None
-        self.overall_baselines: list[Baseline] | None = None
-
-    # setup ------------------------------------------------------------------------------------
-    def resume_state(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-        """(log path, prior measurements, dangling starts), decided on rank 0 and shared."""
-        state: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                state[0] = self._resume_state_rank0()
-            except (LogError, UsageError) as e:
-                state[0] = str(e)
-        dist.broadcast_object_list(state, src=0)
-        if isinstance(state[0], str):
-            raise UsageError(state[0])
-        interrupts.set_log(state[0][0])
-        return state[0]
-
-    def _resume_state_rank0(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-        o = self.o
-        if o.resume is None:
-            return log_path(o.out_dir, self.world, o.run_id or new_run_id()), [], []
-        path = o.resume or newest_unfinished(o.out_dir, self.world)
-        if not path:
-            raise UsageError(f"--resume: no unfinished EP{self.world} run under {os.path.join(o.out_dir, 'logs')}; "
-                             "start a new run without --resume")
-        log = read_log(path)
-        err = resume_error(log, o, self.world)
-        if err:
-            raise UsageError(err)
-        if log.truncated_line:
-            drop_partial_line(path)
-            _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); dropped it")
-        return path, log.measurements, log.dangling
-
-    def make_backend(self, space_for: Callable[[int], tuple[Space, int]]) -> tuple[Backend, Space, int, dict[str, Any]]:
-        o, info = self.o, {}
-        if o.backend == "replay":
-            from .backends.replay import ReplayBackend
-            b = ReplayBackend(o.replay, o.replay_noise, o.workload.seed)
-            b.prepare(o.workload)
-            return b, b.space().restrict(o.max_sms), 0, info
-        if o.backend == "reference":
-            from .backends.reference import ReferenceBackend
-            cap = min(o.max_sms or REFERENCE_SMS_CAP, REFERENCE_SMS_CAP)
-            space, pruned = space_for(cap)
-            return ReferenceBackend(o.workload, self.rank, self.world), space, pruned, info
-        from .backends.deepep import DeepEPBackend, local_device
-        err = gpu_error(o, self.world, torch.cuda.device_count())
-        if err:
-            raise UsageError(err)
-        ngpu = torch.cuda.device_count()
-        ranks_per_gpu = math.ceil(self.world / ngpu)
-        device_sms = torch.cuda.get_device_properties(local_device(self.local_rank)).multi_processor_count
-        cap = device_sms // 2 * 2 if ranks_per_gpu == 1 else colocated_sms_cap(device_sms, ranks_per_gpu)
-        if o.max_sms is not None:
-            cap = min(cap, o.max_sms)
-        space, pruned = space_for(cap)
-        extra = [c for c in self.baseline_configs(space) if c.num_sms <= cap]
-        nbytes = max([self.nvl_bytes(op, c) for op in OPS for c in space.configs(op)]
-                     + [self.nvl_bytes(op, c) for op in OPS for c in extra] + [0])
-        info = {"sms_cap": cap, "ranks_per_gpu": ranks_per_gpu}
-        b = DeepEPBackend(o.workload, self.rank, self.world, self.local_rank, dist.group.WORLD,
-                          align(nbytes), colocated=ranks_per_gpu > 1)
-        return b, space, pruned, info
-
-    def nvl_bytes(self, op: str, c: TuneConfig) -> int:
-        w = self.o.workload
-        if op == "dispatch":
-            return dispatch_nvl_bytes(c, self.world, w.hidden_bytes, w.num_topk, w.num_scales)
-        return combine_nvl_bytes(c, self.world, w.hidden, w.num_topk)
-
-    def baseline_configs(self, space: Space) -> list[TuneConfig]:
-        return [deepep_default(op, self.world, s) for op in OPS
-                for s in set(space.sms_values()) | {DEEPEP_DEFAULT_NUM_SMS}] + [TuneConfig(*COMMUNITY_CONFIG)]
-
-    # the run ----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any] | None:
-        o = self.o
-        path, prior, dangling = self.resume_state()
-        limit = o.max_buffer_gb * 2**30
-
-        def space_for(cap: int) -> tuple[Space, int]:
-            return build_space(mode_axes(o.mode, cap), lambda op, c: self.nvl_bytes(op, c) <= limit)
-
-        err = None
+# --- opening the run ---------------------------------------------------------------------------
+def resume_state(o: Options, ranks: Ranks) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(log path, prior measurements, dangling starts) of this run; decided on rank 0, shared with all."""
+    state: list[Any] = [None]
+    if ranks.rank == 0:
         try:
-            self.backend, space, pruned, info = self.make_backend(space_for)
-        except (UsageError, LogError) as e:
-            err = str(e)
-        except ImportError as e:
-            err = f"cannot import deep_ep ({e}): install DeepEP for this torch, or use --backend reference"
-        except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory allocating the Buffer: one line, all ranks
-            err = f"setting up the {o.backend} backend failed on rank {self.rank}: {type(e).__name__}: {e}"
-            if "busy or unavailable" in str(e):
-                # Seen right after a run was killed with kernels in flight under MPS: it passes in seconds.
-                interrupts.mark_gpu_busy()
-        err = _agree_error(err)
-        if err:
-            raise UsageError(err)
+            state[0] = _resume_state(o, ranks.world)
+        except (LogError, UsageError) as e:
+            state[0] = str(e)
+    dist.broadcast_object_list(state, src=0)
+    if isinstance(state[0], str):
+        raise UsageError(state[0])
+    interrupts.set_log(state[0][0])
+    return state[0]
+
+
+def _resume_state(o: Options, world: int) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    if o.resume is None:
+        return log_path(o.out_dir, world, o.run_id or new_run_id()), [], []
+    path = o.resume or newest_unfinished(o.out_dir, world)
+    if not path:
+        raise UsageError(f"--resume: no unfinished EP{world} run under {os.path.join(o.out_dir, 'logs')}; "
+                         "start a new run without --resume")
+    log = read_log(path)
+    err = resume_error(log.header, log.finished, path, o, world)
+    if err:
+        raise UsageError(err)
+    if log.truncated_line:
+        drop_partial_line(path)
+        _say(0, f"[resume] {path}: line {log.truncated_line} was cut off (killed mid-write); dropped it")
+    return path, log.measurements, log.dangling
+
+
+def sweep_space(o: Options, world: int, sms_cap: int) -> tuple[Space, int]:
+    """The configs this run may measure: the mode's grid up to sms_cap, without configs whose NVL buffer
+    exceeds --max-buffer-gb or whose views overflow DeepEP's 32-bit byte counts; plus the test hook's extras
+    (deliberately unvalidated)."""
+    limit = o.max_buffer_gb * 2**30
+    w = o.workload
+
+    def fits(op: str, c: TuneConfig) -> bool:
+        return nvl_bytes(op, c, world, w) <= limit and int32_overflow(op, c, world, w) is None
+
+    space, pruned = build_space(mode_axes(o.mode, sms_cap), fits)
+    extra = extra_configs()
+    if extra:
+        space = space_from_points([(op, c) for op in OPS for c in space.configs(op)] + extra)
+    return space, pruned
+
+
+def buffer_bytes(space: Space, world: int, w: Workload, sms_cap: int) -> int:
+    """One deep_ep.Buffer serves the whole run: sized for the largest config of the space or the baselines
+    (DeepEP asserts the NVL bytes of every dispatch/combine against it). The test hook's extra configs are
+    not counted, so they show DeepEP's own buffer-size rejection."""
+    extra = set(extra_configs())
+    configs = [(op, c) for op in OPS for c in space.configs(op) if (op, c) not in extra]
+    configs += [(op, c) for op, c in baseline_configs(world, space.sms_values()) if c.num_sms <= sms_cap]
+    return align(max([nvl_bytes(op, c, world, w) for op, c in configs] + [0]))
+
+
+def create_backend(o: Options, ranks: Ranks) -> tuple[Backend, Space, int]:
+    if o.backend == "replay":
+        from .backends.replay import ReplayBackend
+
+        b = ReplayBackend(o.replay or "", o.replay_noise, o.workload.seed, o.objective)
+        b.prepare(o.workload)
+        return b, b.space().restrict(o.max_sms), 0
+    if o.backend == "reference":
+        from .backends.reference import REFERENCE_SMS_CAP, ReferenceBackend
+
+        cap = min(o.max_sms or REFERENCE_SMS_CAP, REFERENCE_SMS_CAP)
+        space, pruned = sweep_space(o, ranks.world, cap)
+        nbytes = buffer_bytes(space, ranks.world, o.workload, cap)
+        return ReferenceBackend(o.workload, ranks.rank, ranks.world, nbytes, o.objective), space, pruned
+    from .backends.deepep import DeepEPBackend, sms_cap_here
+    from .gpus import gpu_error
+
+    err = gpu_error(ranks.world, torch.cuda.device_count(), o.colocate)
+    if err:
+        raise UsageError(err)
+    cap, _ = sms_cap_here(ranks.world, ranks.local_rank)
+    cap = min(cap, o.max_sms or cap)
+    space, pruned = sweep_space(o, ranks.world, cap)
+    nbytes = buffer_bytes(space, ranks.world, o.workload, cap)
+    b = DeepEPBackend(o.workload, ranks.rank, ranks.world, ranks.local_rank, dist.group.WORLD, nbytes, o.objective)
+    b.sms_cap = cap
+    return b, space, pruned
+
+
+def open_log(o: Options, ranks: Ranks, path: str, prior: list[dict[str, Any]], dangling: list[dict[str, Any]],
+             hw: dict[str, Any]) -> LogWriter | None:
+    """Rank 0 writes the log: a header for a new run; for a resumed one, a crashed record per dangling start."""
+    if ranks.rank != 0:
+        return None
+    log = LogWriter(path, create=o.resume is None)
+    if o.resume is None:
+        log.write({"event": "header", "tool_version": __version__, "ep_size": ranks.world, "mode": o.mode,
+                   "backend": o.backend, "workload": o.workload.as_dict(), "token_counts": list(o.token_counts),
+                   "options": {k: v for k, v in o.as_dict().items() if k != "workload"}, "hardware": hw,
+                   "started": _now()})
+        return log
+    for d in dangling:
+        log.write(crashed_record(d["measure"], d["seq"], f"{CRASHED}; watchdog {o.timeout_s} s"))
+    log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
+    _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
+    return log
+
+
+def open_run(o: Options, ranks: Ranks) -> Opened:
+    path, prior, dangling = resume_state(o, ranks)
+    backend, space, pruned = on_all_ranks(lambda: create_backend(o, ranks), f"setting up the {o.backend} backend",
+                                          ranks.rank)
+    try:
         if not space.size():
             raise UsageError("the search space is empty: raise --max-sms or --max-buffer-gb")
-        space = with_extra_configs(space)
-        hw = {**self.backend.describe(), **info}
-        self.sms_cap = info.get("sms_cap")
-        err = None
+        log = on_all_ranks(lambda: open_log(o, ranks, path, prior, dangling, backend.describe()), "opening the log",
+                           ranks.rank)
+    except BaseException:
+        backend.close()
+        raise
+    # every rank knows the crashed configs: they are results too
+    prior = sorted(prior + [crashed_record(d["measure"], d["seq"], CRASHED) for d in dangling],
+                   key=lambda r: r.get("seq", 0))
+    return Opened(backend, space, pruned, log, path, prior)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def tune_size(meas: Measurer, run: Opened, o: Options, w: Workload, world: int) -> SizeOutcome:
+    """Search and baselines at one token count."""
+    run.backend.prepare(w)
+    try:
+        best, rows, baselines = search_and_baselines(meas, run.space, o.mode, world, o.max_sms, run.backend.sms_cap)
+    except SearchError as e:
+        raise UsageError(str(e)) from None
+    a2a = run.backend.all_to_all(w, o.warmup, o.iters) if wants_all_to_all(o, run.backend) else None
+    return SizeOutcome(w, best, rows, baselines, traffic(w, world), spread(meas, best), a2a,
+                       parts={op: meas.parts_of(op, cfg) for op, cfg in (("dispatch", best.dispatch),
+                                                                          ("combine", best.combine))})
+
+
+def wants_all_to_all(o: Options, backend: Backend) -> bool:
+    """Asked for, or free on a real node where it gives NCCL's bandwidth for the same bytes."""
+    return o.baseline_a2a or (backend.name == "deepep" and not backend.colocated)
+
+
+def spread(meas: Measurer, best: SmsRow) -> dict[str, Any]:
+    out = {}
+    for op, cfg in (("dispatch", best.dispatch), ("combine", best.combine)):
+        obs = [x for x in meas.observed()[(op, cfg)] if math.isfinite(x)]
+        out[op] = {"observations": len(obs), "spread_pct": round((max(obs) / min(obs) - 1) * 100, 2) if obs else None}
+    return out
+
+
+@dataclass
+class Overall:
+    """One config for several token counts, its times at each, and the baselines at the first count."""
+
+    dispatch: TuneConfig
+    combine: TuneConfig
+    by_size: dict[int, dict[str, float]]
+    baselines: list[Baseline]
+
+    def answer_at(self, n: int) -> SmsRow:
+        t = self.by_size[n]
+        return SmsRow(self.dispatch.num_sms, self.dispatch, t["dispatch_us"], self.combine, t["combine_us"])
+
+
+def pick_overall(outcomes: list[SizeOutcome], measurers: dict[int, Measurer], backend: Backend, world: int) -> Overall:
+    """Measure every size's winner at every other size, then pick one config for all sizes."""
+    cands = list(dict.fromkeys((oc.best.dispatch, oc.best.combine) for oc in outcomes))
+    parts: dict[tuple[TuneConfig, TuneConfig], dict[int, tuple[float, float]]] = {c: {} for c in cands}
+    for oc in outcomes:
+        n = oc.workload.num_tokens
+        backend.prepare(oc.workload)
+        for d, c in cands:
+            parts[(d, c)][n] = (measurers[n].time("dispatch", d), measurers[n].time("combine", c))
+    totals = {k: {n: sum(v) for n, v in by_n.items()} for k, by_n in parts.items()}
+    best_at = {oc.workload.num_tokens: oc.best.total_us for oc in outcomes}
+    (d, c), losses = choose_overall(totals, best_at)
+    # The top level describes the recommended config at the first token count: baselines there again,
+    # at the recommended num_sms ("DeepEP's default at the tuned num_sms").
+    first = outcomes[0].workload
+    backend.prepare(first)
+    bases = measure_baselines(measurers[first.num_tokens], make_baselines(world, d.num_sms), backend.sms_cap)
+    by_size = {n: {"dispatch_us": round(parts[(d, c)][n][0], 2), "combine_us": round(parts[(d, c)][n][1], 2),
+                   "total_us": round(totals[(d, c)][n], 2), "loss_pct": round(100 * losses[n], 2)} for n in best_at}
+    return Overall(d, c, by_size, bases)
+
+
+def compared_picks(o: Options, world: int, path_out: str) -> dict[str, tuple[TuneConfig, TuneConfig, str]]:
+    """Picks of other results files for the same node and workload (--compare, or an earlier run's results in
+    --out-dir, e.g. quick's beside full's): they join the final re-timing, which gives their real regret."""
+    paths = list(o.compare) or sorted(p for p in glob.glob(os.path.join(o.out_dir, f"RESULTS_EP{world}*.json"))
+                                      if not p.endswith("_sglang.json") and os.path.abspath(p) != os.path.abspath(path_out))
+    out = {}
+    for p in paths:
         try:
-            self.open_log(path, prior, dangling, hw)
-        except (LogError, OSError) as e:
-            err = str(e)
-        err = _agree_error(err)
-        if err:
-            raise UsageError(err)
-        for d in dangling:  # every rank knows the crashed configs: they are results too
-            prior.append(crashed_record(d["measure"], d["seq"], CRASHED))
-        prior.sort(key=lambda r: r.get("seq", 0))
-        seq = Sequence(max((r.get("seq", 0) for r in prior), default=0))
-        t_setup = time.time()
-        bar = self._progress(space)
-        settings = MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s)
-        healthy = getattr(self.backend, "healthy", None)
-        first = o.token_counts[0]
-        measurers = self.measurers
-        outcomes: list[SizeOutcome] = []
-        for n in o.token_counts:
-            w = replace(o.workload, num_tokens=n)
-            self.backend.prepare(w)
-            mine = [r for r in prior if r.get("num_tokens", first) == n]
-            meas = measurers[n] = Measurer(self.backend, settings, self.rank, self.log, mine, on_record=bar,
-                                           healthy=healthy, tag={"num_tokens": n}, seq=seq)
-            best, rows, baselines = search_and_baselines(meas, space, o.mode, self.world, o.max_sms,
-                                                         info.get("sms_cap"), getattr(self.backend, "has", None))
-            a2a = self.all_to_all(w) if o.baseline_a2a else None
-            outcomes.append(SizeOutcome(w, best, rows, baselines, traffic(w, self.world), self.spread(meas, best), a2a))
-        overall = self.overall(outcomes) if len(outcomes) > 1 else None
-        t_measured = time.time()
-        if bar is not None:
-            bar.close()
-        answer = outcomes[0].best
-        if overall is not None:  # the recommended config, timed at the first token count
-            d, c, by_size = overall
-            t = by_size[outcomes[0].workload.num_tokens]
-            answer = SmsRow(d.num_sms, d, t["dispatch_us"], c, t["combine_us"])
-        advice_row = sm_advice(outcomes[0].rows, o.sm_tolerance, o.max_sms, answer)
-        records = [r for m in measurers.values() for r in m.records]
-        measured_now = len(records) - sum(m.reused for m in measurers.values())
-        meta = {
-            "tool_version": __version__, "mode": o.mode, "backend": o.backend, "model": o.model,
-            "hardware": hw, "colocated": bool(hw.get("colocated")),
-            "software": {"torch": torch.__version__, "python": platform.python_version(),
-                         "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
-            "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": _now(),
-            "wall_s": round(time.time() - self.t0, 2),
-            "phases_s": self.phases(t_setup, t_measured, measured_now),
-            "num_measurements": len(records),
-            "num_measured_this_launch": measured_now,
-            "resumed": o.resume is not None,
-            "space": {"num_configs": space.size(), "sms_values": space.sms_values(), "pruned": pruned},
-            "log": path,
-        }
-        res = build_results(meta=meta, ep_size=self.world, sizes=outcomes, overall=overall,
-                            advice=self.advice(advice_row, answer), overall_baselines=self.overall_baselines)
-        if self.rank == 0:
-            self.write_outputs(res, outcomes)
-        return res
-
-    def open_log(self, path: str, prior: list[dict[str, Any]], dangling: list[dict[str, Any]], hw: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        o = self.o
-        self.log = LogWriter(path, create=o.resume is None)
-        if o.resume is None:
-            self.log.write({"event": "header", "tool_version": __version__, "ep_size": self.world,
-                            "mode": o.mode, "backend": o.backend, "workload": o.workload.as_dict(),
-                            "token_counts": list(o.token_counts),
-                            "options": {k: v for k, v in o.as_dict().items() if k != "workload"},
-                            "hardware": hw, "started": _now()})
-            return
-        for d in dangling:
-            self.log.write(crashed_record(d["measure"], d["seq"], f"{CRASHED}; watchdog {o.timeout_s} s"))
-        self.log.write({"event": "resume", "t": time.time(), "kept_measurements": len(prior), "crashed": len(dangling)})
-        _say(0, f"[resume] {path}: {len(prior)} measurements kept, {len(dangling)} crashed config(s) recorded as failed")
-
-    def overall(self, outcomes: list[SizeOutcome]) -> tuple[TuneConfig, TuneConfig, dict[int, dict[str, float]]]:
-        """Measure every size's winner at every other size, then pick one config for all sizes."""
-        cands = list(dict.fromkeys((oc.best.dispatch, oc.best.combine) for oc in outcomes))
-        totals: dict[Any, dict[int, float]] = {c: {} for c in cands}
-        parts: dict[Any, dict[int, tuple[float, float]]] = {c: {} for c in cands}
-        for oc in outcomes:
-            n = oc.workload.num_tokens
-            self.backend.prepare(oc.workload)
-            for d, c in cands:
-                td, tc = self.measurers[n].time("dispatch", d), self.measurers[n].time("combine", c)
-                totals[(d, c)][n], parts[(d, c)][n] = td + tc, (td, tc)
-        best_at = {oc.workload.num_tokens: oc.best.total_us for oc in outcomes}
-        (d, c), losses = choose_overall(totals, best_at)
-        # The top level describes the recommended config at the first token count: baselines there again,
-        # at the recommended num_sms ("DeepEP's default at the tuned num_sms").
-        first = outcomes[0]
-        self.backend.prepare(first.workload)
-        self.overall_baselines = measure_baselines(self.measurers[first.workload.num_tokens],
-                                                   make_baselines(self.world, d.num_sms), self.sms_cap,
-                                                   getattr(self.backend, "has", None))
-        by_size = {n: {"dispatch_us": round(parts[(d, c)][n][0], 2), "combine_us": round(parts[(d, c)][n][1], 2),
-                       "total_us": round(totals[(d, c)][n], 2), "loss_pct": round(100 * losses[n], 2)}
-                   for n in best_at}
-        return d, c, by_size
-
-    def advice(self, row: SmsRow | None, answer: SmsRow) -> dict[str, Any] | None:
-        if row is None or row.dispatch is None or row.combine is None:
-            return None
-        flags = drop_options(sys.argv[1:], ("--mode", "--run-id", "--resume", "--max-sms"))
-        w = replace(self.o.workload, num_tokens=self.o.token_counts[0])
-        nvl = nvl_bytes_needed(row.dispatch, row.combine, w, self.world)
-        return {
-            "tolerance": self.o.sm_tolerance,
-            "num_sms": row.num_sms, "dispatch": row.dispatch.as_dict(), "combine": row.combine.as_dict(),
-            "total_us": round(row.total_us, 2),
-            "slower_than_best_pct": round(100 * (row.total_us / answer.total_us - 1), 2),
-            "sms_saved": answer.num_sms - row.num_sms,
-            "torchtitan_turbo": torchtitan_turbo_text(row.dispatch, row.combine, nvl["num_nvl_bytes"]),
-            "command": f"./run.sh {self.world} {self.o.mode} {' '.join(flags)} --max-sms {row.num_sms}".replace("  ", " "),
-        }
-
-    def all_to_all(self, w: Any) -> dict[str, Any]:
-        o = self.o
-        if o.backend == "replay":
-            return {"skipped": "no tokens move in a replay"}
-        if o.backend == "deepep":
-            if getattr(self.backend, "colocated", False):
-                return {"skipped": "NCCL cannot run several ranks on one GPU, and gloo would time host copies"}
-            if self.nccl is None:
-                self.nccl = dist.new_group(backend="nccl")
-            device, group, timer = self.backend.device, self.nccl, self.backend.timer
-            flush = self.backend.flush
-        else:
-            device, group, timer, flush = torch.device("cpu"), None, self.backend.timer, None
-        t = time_all_to_all(w, self.rank, self.world, device, group, timer, o.warmup, o.iters, flush)
-        return {"dispatch_us": round(t["dispatch"], 2), "combine_us": round(t["combine"], 2),
-                "total_us": round(t["dispatch"] + t["combine"], 2),
-                "what": "torch.distributed.all_to_all_single: count exchange + rows (dispatch), rows back (combine)"}
-
-    def write_outputs(self, res: dict[str, Any], outcomes: list[SizeOutcome]) -> None:
-        o = self.o
-        out = os.path.join(o.out_dir, results_name(self.world, o.backend, bool(res["colocated"])))
-        stem = out[:-len(".json")]
-        sglang = f"{stem}_sglang.json"
-        res["results_path"] = out
-        res["paste"]["sglang_file"] = sglang
-        if o.plot:
-            res["plots"] = self.plots(stem, res, outcomes)
-        write_json_atomic(sglang, sglang_config_from(res))
-        write_json_atomic(out, res)
-        self.log.write({"event": "done", "results": out, "t": time.time()})
-        print(summary(res, emit=o.emit), flush=True)
-
-    def plots(self, stem: str, res: dict[str, Any], outcomes: list[SizeOutcome]) -> list[str]:
-        from .plots import plot_heatmap, plot_sms
-        paths = []
-        sections = res.get("per_num_tokens") or {str(outcomes[0].workload.num_tokens): res}
-        for oc in outcomes:
-            n = oc.workload.num_tokens
-            sec = sections[str(n)]
-            suffix = f"_T{n}" if len(outcomes) > 1 else ""
-            label = (f"EP{self.world} {res['hardware'].get('device_name')}"
-                     f"{' CO-LOCATED' if res['colocated'] else ''}, {n} tokens/rank, hidden {oc.workload.hidden}")
-            p = f"{stem}{suffix}_sms.png"
-            plot_sms(sec, f"{label}\nbest config at each num_sms ({res['backend']}, {res['mode']})", p)
-            paths.append(p)
-            for op in ("dispatch", "combine"):
-                cells = {(c.nvl_chunk, c.nvl_buffer): t for (o_, c), t in self.times_for(n).items()
-                         if o_ == op and c.num_sms == oc.best.num_sms}
-                p = f"{stem}{suffix}_heatmap_{op}.png"
-                plot_heatmap(cells, op, oc.best.num_sms, f"{label}\n{op} at num_sms={oc.best.num_sms} "
-                             f"(blank: not measured)", p)
-                paths.append(p)
-        return paths
-
-    def phases(self, t_setup: float, t_measured: float, measured: int) -> dict[str, float | None]:
-        """Where a run's time goes (rank 0's clock); torchrun's own start-up and teardown come on top."""
-        started = _process_start()
-        return {
-            "interpreter_start_to_tuner": round(self.t0 - started, 2) if started else None,
-            "setup": round(t_setup - self.t0, 2),  # process group, resume, backend (deep_ep import, Buffer, inputs)
-            "measuring": round(t_measured - t_setup, 2),
-            "per_measurement_ms": round(1e3 * (t_measured - t_setup) / measured, 1) if measured else None,
-        }
-
-    def times_for(self, num_tokens: int) -> dict[tuple[str, TuneConfig], float]:
-        return mean_times(self.measurers[num_tokens].observed())
-
-    def spread(self, meas: Measurer, best: Any) -> dict[str, Any]:
-        out = {}
-        for op, cfg in (("dispatch", best.dispatch), ("combine", best.combine)):
-            obs = [x for x in meas.observed()[(op, cfg)] if math.isfinite(x)]
-            out[op] = {"observations": len(obs), "spread_pct": round((max(obs) / min(obs) - 1) * 100, 2) if obs else None}
-        return out
-
-    def _progress(self, space: Space) -> Any:
-        if self.rank != 0:
-            return None
-        from tqdm import tqdm
-        total = space.size() if self.o.mode == "full" else None
-        bar = tqdm(total=total, desc=f"[tune] EP{self.world} {self.o.mode}", unit="meas", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0)
-
-        def on_record(rec: dict[str, Any]) -> None:
-            bar.update(1)
-            bar.set_postfix_str(f"{rec['op']} {rec['num_sms']},{rec['nvl_chunk']},{rec['nvl_buffer']} "
-                                f"{rec['time_us'] and round(rec['time_us'], 1)}", refresh=False)
-
-        on_record.close = bar.close  # type: ignore[attr-defined]
-        return on_record
-
-    def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-        if self.log is not None:
-            self.log.close()
-
-def make_baselines(ep_size: int, best_sms: int) -> list[Baseline]:
-    r = ep_size
-    return [
-        Baseline("deepep_default", f"DeepEP's get_dispatch/combine_config for {r} ranks at the tuned num_sms",
-                 deepep_default("dispatch", r, best_sms), deepep_default("combine", r, best_sms)),
-        Baseline("deepep_default_20sms", f"DeepEP as shipped: Buffer.num_sms=20 and its {r}-rank table",
-                 deepep_default("dispatch", r), deepep_default("combine", r)),
-        Baseline("community_24_8_256", "Config(24, 8, 256) for both ops (upstream test and widely pasted)",
-                 TuneConfig(*COMMUNITY_CONFIG), TuneConfig(*COMMUNITY_CONFIG)),
-    ]
+            with open(p) as f:
+                r = json.load(f)
+            same = (r.get("ep_size") == world and {**r.get("workload", {}), "num_tokens": 0} ==
+                    {**o.workload.as_dict(), "num_tokens": 0} and r.get("objective", "forward") == o.objective)
+            if not same and not o.compare:
+                continue
+            d, c = (TuneConfig(r["normal_dispatch"]["num_sms"], r["normal_dispatch"]["num_max_nvl_chunked_send_tokens"],
+                               r["normal_dispatch"]["num_max_nvl_chunked_recv_tokens"]),
+                    TuneConfig(r["normal_combine"]["num_sms"], r["normal_combine"]["num_max_nvl_chunked_send_tokens"],
+                               r["normal_combine"]["num_max_nvl_chunked_recv_tokens"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--compare {p}: not a results file of this tool ({type(e).__name__}: {e})") from None
+        out[f"{r.get('mode', 'other')}_pick:{os.path.basename(os.path.dirname(os.path.abspath(p)))}"] = (d, c, p)
+    return out
 
 
-def measure_baselines(meas: Measurer, bases: list[Baseline], sms_cap: int | None,
-                      has: Callable[[str, TuneConfig], bool] | None) -> list[Baseline]:
-    for b in bases:
-        if sms_cap is not None and b.dispatch.num_sms > sms_cap:
-            b.skipped = f"num_sms {b.dispatch.num_sms} exceeds this run's limit of {sms_cap}"
-            continue
-        if has is not None and not (has("dispatch", b.dispatch) and has("combine", b.combine)):
-            b.skipped = "not in the replayed landscape"
-            continue
-        # measured like any config; one the search already measured is not measured again
-        d, c = meas.time("dispatch", b.dispatch), meas.time("combine", b.combine)
-        b.dispatch_us = d if math.isfinite(d) else None
-        b.combine_us = c if math.isfinite(c) else None
-    return bases
+def final_comparison(meas: Measurer, answer: SmsRow, baselines: list[Baseline], compare: dict[str, Any],
+                     rounds: int) -> dict[str, Any]:
+    """The pick against every measured baseline and compared pick, interleaved round by round."""
+    cands = {"pick": (answer.dispatch, answer.combine)}
+    cands.update({b.name: (b.dispatch, b.combine) for b in baselines if b.skipped is None and b.total_us is not None})
+    cands.update({name: (d, c) for name, (d, c, _) in compare.items()})
+    out = retime(meas, cands, rounds, reference="pick")
+    for name, (d, c, path) in compare.items():
+        out[name].update(source=path, dispatch=d.as_dict(), combine=c.as_dict())
+    return {"rounds": rounds, "what": "interleaved re-timing at the first token count; speedup_of_pick = "
+                                      "candidate / pick per round (median, p10, p90)", "candidates": out}
 
 
-def search_and_baselines(meas: Measurer, space: Space, mode: str, ep_size: int, max_sms: int | None,
-                         sms_cap: int | None, has: Callable[[str, TuneConfig], bool] | None = None,
-                         ) -> tuple[SmsRow, list[SmsRow], list[Baseline]]:
-    """The search, the noise guard, the pick under the SM budget, then the baselines at the pick's num_sms.
-    `has` says whether a config can be measured at all (a replayed landscape may lack it)."""
-    STRATEGIES[mode](meas, space)
-    refine(meas, space, max_sms)
-    rows = per_sms_table(meas.observed(), space)
-    best = pick(rows, max_sms)
-    if best is None:
-        raise UsageError("every config failed; see the log for the errors")
-    # Baselines are measurements too: the per-num_sms table includes them, and one that beats the pick
-    # becomes the pick (then DeepEP's default is measured again at the new num_sms, so "at the tuned
-    # num_sms" stays true and every speed-up is against the reported answer).
-    for _ in range(3):
-        bases = measure_baselines(meas, make_baselines(ep_size, best.num_sms), sms_cap, has)
-        rows = per_sms_table(meas.observed(), space)
-        new = pick(rows, max_sms)
-        moved = new is not None and new.num_sms != best.num_sms
-        best = new or best
-        if not moved:
-            break
-    return best, rows, bases
+def layer_candidates(answer: SmsRow, rows: list[SmsRow], baselines: list[Baseline]) -> dict[str, tuple[TuneConfig, TuneConfig]]:
+    cands = {"pick": (answer.dispatch, answer.combine)}
+    for s in (24, 32, 48, 64):
+        row = next((r for r in rows if r.num_sms == s), None)
+        if row is not None and s != answer.num_sms:
+            cands[f"best_at_{s}_sms"] = (row.dispatch, row.combine)
+    for b in baselines:
+        if b.name in ("deepep_default_20sms", "community_24_8_256") and b.skipped is None:
+            cands[b.name] = (b.dispatch, b.combine)
+    return cands
 
 
-def with_extra_configs(space: Space) -> Space:
-    extra = extra_configs()
-    if not extra:
-        return space
-    return Space(tuple(sorted(set(space.dispatch) | {c for op, c in extra if op == "dispatch"})),
-                 tuple(sorted(set(space.combine) | {c for op, c in extra if op == "combine"})))
+def run_layer_check(o: Options, backend: Backend, answer: SmsRow, outcome: SizeOutcome) -> dict[str, Any]:
+    from .layer import LayerShape
+
+    moe, shared, shared_size = layer_shape(o) or (0, 0, 0)
+    w = outcome.workload
+    shape = LayerShape(w.num_tokens, w.hidden, w.num_topk, w.num_experts, moe, shared, shared_size)
+    backend.prepare(w)
+    return backend.layer_check(shape, layer_candidates(answer, outcome.rows, outcome.baselines), o.layer_rounds,
+                               o.warmup)
 
 
-def sglang_config_from(res: dict[str, Any]) -> dict[str, Any]:
-    return {"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}
+def advice(o: Options, ranks: Ranks, rows: list[SmsRow], answer: SmsRow, layer: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The smallest num_sms within --sm-tolerance of the answer: by the layer's time when it was checked
+    (SMs given to DeepEP are taken from the GEMMs), else by communication time."""
+    from .space import nvl_bytes_needed
+
+    row = sm_advice(rows, o.sm_tolerance, o.max_sms, answer)
+    basis = "communication"
+    if layer and "schedules" in layer:
+        pick_layer = layer_advice(layer, o.sm_tolerance)
+        if pick_layer is not None:
+            row = next((r for r in rows if r.num_sms == pick_layer), row)
+            basis = "MoE layer forward + backward"
+    if row is None or row.dispatch is None or row.combine is None:
+        return None
+    return {
+        "tolerance": o.sm_tolerance, "basis": basis,
+        "num_sms": row.num_sms, "dispatch": row.dispatch.as_dict(), "combine": row.combine.as_dict(),
+        "total_us": round(row.total_us, 2),
+        "slower_than_best_pct": round(100 * (row.total_us / answer.total_us - 1), 2),
+        "sms_saved": answer.num_sms - row.num_sms,
+        "num_nvl_bytes": nvl_bytes_needed(row.dispatch, row.combine, o.workload, ranks.world)["num_nvl_bytes"],
+        "command": rerun_command(ranks.world, o.mode, list(ranks.argv), max_sms=row.num_sms),
+    }
+
+
+def layer_advice(layer: dict[str, Any], tolerance: float) -> int | None:
+    """The fewest SMs whose layer time (sequential schedule) is within tolerance of the layer's fastest."""
+    table = layer["schedules"].get("sequential") or next(iter(layer["schedules"].values()))
+    ok = {n: v for n, v in table.items() if isinstance(v, dict) and v.get("median_ms") is not None}
+    if not ok:
+        return None
+    fastest = min(v["median_ms"] for v in ok.values())
+    within = [layer["num_sms"][n] for n, v in ok.items() if v["median_ms"] <= fastest * (1 + tolerance)]
+    return min(within) if within else None
+
+
+# --- one rank's run --------------------------------------------------------------------------------
+def tune(o: Options, ranks: Ranks) -> dict[str, Any]:
+    t0 = time.time()
+    run = open_run(o, ranks)
+    try:
+        return tune_opened(o, ranks, run, t0)
+    finally:
+        run.close()
+
+
+def tune_opened(o: Options, ranks: Ranks, run: Opened, t0: float) -> dict[str, Any]:
+    t_setup = time.time()
+    bar = progress_bar(o, ranks, run.space)
+    settings = MeasureSettings(o.warmup, o.iters, timeout_s=o.timeout_s)
+    seq = iter(range(max((r.get("seq", 0) for r in run.prior), default=0) + 1, sys.maxsize))
+    first = o.token_counts[0]
+    measurers = {n: Measurer(run.backend, settings, ranks.rank, run.log,
+                             [r for r in run.prior if r.get("num_tokens", first) == n], on_record=bar,
+                             tag={"num_tokens": n}, seq=seq) for n in o.token_counts}
+    outcomes = [tune_size(measurers[n], run, o, replace(o.workload, num_tokens=n), ranks.world) for n in o.token_counts]
+    overall = pick_overall(outcomes, measurers, run.backend, ranks.world) if len(outcomes) > 1 else None
+    answer = overall.answer_at(first) if overall else outcomes[0].best
+    baselines = overall.baselines if overall else outcomes[0].baselines
+    run.backend.prepare(outcomes[0].workload)
+    out_path = os.path.join(o.out_dir, results_name(ranks.world, o.backend, run.backend.colocated))
+    compare = compared_picks(o, ranks.world, out_path)
+    comparison = final_comparison(measurers[first], answer, baselines, compare, o.retime_rounds)
+    layer = run_layer_check(o, run.backend, answer, outcomes[0]) if o.layer_check else None
+    t_measured = time.time()
+    if bar is not None:
+        bar.close()  # type: ignore[attr-defined]
+    records = [r for m in measurers.values() for r in m.records]
+    measured_now = len(records) - sum(m.reused for m in measurers.values())
+    hw = run.backend.describe()
+    meta = {
+        "tool_version": __version__, "mode": o.mode, "backend": o.backend, "objective": o.objective, "model": o.model,
+        "hardware": hw, "colocated": bool(hw.get("colocated")),
+        "software": {"torch": torch.__version__, "python": platform.python_version(),
+                     "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
+        "started": datetime.datetime.fromtimestamp(t0).isoformat(timespec="seconds"), "finished": _now(),
+        "wall_s": round(time.time() - t0, 2),
+        "phases_s": phases(t0, t_setup, t_measured, measured_now),
+        "num_measurements": len(records),
+        "num_measured_this_launch": measured_now,
+        "resumed": o.resume is not None,
+        "space": {"num_configs": run.space.size(), "sms_values": run.space.sms_values(), "pruned": run.pruned},
+        "log": run.log_path,
+    }
+    res = build_results(meta=meta, ep_size=ranks.world, sizes=outcomes,
+                        overall=(overall.dispatch, overall.combine, overall.by_size) if overall else None,
+                        advice=advice(o, ranks, outcomes[0].rows, answer, layer),
+                        overall_baselines=overall.baselines if overall else None,
+                        answer_parts={op: measurers[first].parts_of(op, cfg) for op, cfg in
+                                      (("dispatch", answer.dispatch), ("combine", answer.combine))},
+                        comparison=comparison, layer=layer, results_path=out_path)
+    if ranks.rank == 0:
+        write_outputs(o, run, res, outcomes, measurers, out_path)
+    return res
+
+
+def write_outputs(o: Options, run: Opened, res: dict[str, Any], outcomes: list[SizeOutcome],
+                  measurers: dict[int, Measurer], out: str) -> None:
+    stem = out[:-len(".json")]
+    sglang = f"{stem}_sglang.json"
+    res["results_path"] = out
+    res["paste"]["sglang_file"] = sglang
+    if o.plot:
+        from .plots import write_plots
+
+        res["plots"] = write_plots(stem, res, {oc.workload.num_tokens: measurers[oc.workload.num_tokens].observed()
+                                               for oc in outcomes})
+    write_json_atomic(sglang, {"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]})
+    write_json_atomic(out, res)
+    assert run.log is not None
+    run.log.write({"event": "done", "results": out, "t": time.time()})
+    print(summary(res, emit=o.emit), flush=True)
+
+
+def progress_bar(o: Options, ranks: Ranks, space: Space) -> Callable[[dict[str, Any]], None] | None:
+    if ranks.rank != 0:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=space.size() if o.mode == "full" else None, desc=f"[tune] EP{ranks.world} {o.mode}", unit="meas",
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{rec['op']} {rec['num_sms']},{rec['nvl_chunk']},{rec['nvl_buffer']} "
+                            f"{rec['time_us'] and round(rec['time_us'], 1)}", refresh=False)
+
+    on_record.close = bar.close  # type: ignore[attr-defined]
+    return on_record
+
+
+def phases(t0: float, t_setup: float, t_measured: float, measured: int) -> dict[str, float | None]:
+    """Where a run's time goes (rank 0's clock); torchrun's own start-up and teardown come on top."""
+    started = _process_start()
+    return {
+        "interpreter_start_to_tuner": round(t0 - started, 2) if started else None,
+        "setup": round(t_setup - t0, 2),  # process group, resume, backend (deep_ep import, Buffer, inputs)
+        "measuring": round(t_measured - t_setup, 2),
+        "per_measurement_ms": round(1e3 * (t_measured - t_setup) / measured, 1) if measured else None,
+    }
 
 
 def _process_start() -> float | None:
@@ -468,35 +506,33 @@ def _now() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
-    if args.list_models:
+    if "--list-models" in argv:
         if rank == 0:
             print(list_models())
         return 0
-    try:
-        o = options_from_args(args)
-    except OptionsError as e:
-        _say(rank, f"error: {e}")
-        return EXIT_BAD_INPUT
+    o = parse_options(argv)
+    if isinstance(o, int):
+        return o
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    err = options_error(o, world)
+    err = check_options(o, world, None)  # the GPU checks run in create_backend, with torch's view of the GPUs
     if err:
         _say(rank, f"error: {err}")
         return EXIT_BAD_INPUT
     interrupts.install_signal_handlers(rank)
     dist.init_process_group("gloo")  # control plane only; DeepEP's Buffer needs just all_gather_object
-    run = Run(o, rank, world, local_rank)
+    ranks = Ranks(rank, world, int(os.environ.get("LOCAL_RANK", "0")), tuple(argv))
     code = 0
 
     def note(event: str, **fields: Any) -> None:
         """Tell run.sh (which sees only torchrun's exit code) whether relaunching can help."""
-        if run.log is not None:
-            run.log.write({"event": event, **fields, "t": time.time()})
+        path = interrupts.current_log()
+        if rank == 0 and path and os.path.exists(path):
+            interrupts.append_event(path, {"event": event, **fields, "t": time.time()})
 
     try:
-        run.run()
+        tune(o, ranks)
     except UsageError as e:
         _say(rank, f"error: {e}")
         note("failed", error=str(e))
@@ -506,19 +542,14 @@ def main(argv: list[str] | None = None) -> int:
         note("restart", why=str(e))
         code = EXIT_CONTEXT_LOST
     except KeyboardInterrupt:
-        if interrupts.user_interrupted and run.log is not None:
-            run.log.write({"event": "interrupted", "t": time.time()})
-        _say(rank, "[tune] interrupted; measurements so far are in the log. "
-                   f"Continue with: --resume {run.log.path if run.log else ''}".rstrip())
+        path = interrupts.current_log()
+        resume = rerun_command(world, o.mode, argv, resume=path) if path else ""
+        _say(rank, f"[tune] interrupted; measurements so far are in the log. Continue with: {resume}".rstrip())
         code = interrupts.EXIT_INTERRUPTED
     except Exception as e:
         note("failed", error=f"{type(e).__name__}: {e} (a bug: please report it with the traceback)")
         raise
     finally:
-        try:
-            run.close()
-        except Exception as e:  # noqa: BLE001 - teardown must not hide the outcome
-            print(f"[tune] rank {rank}: cleanup failed: {e}", file=sys.stderr)
         if code == 0:
             dist.barrier()
         dist.destroy_process_group()

@@ -18,6 +18,8 @@ class Workload:
     dispatch_dtype: str = "bf16"
     """bf16 or fp8 (e4m3 with per-128 float scales); combine is always bf16."""
     seed: int = 0
+    expert_alignment: int = 1
+    """DeepEP dispatch's expert_alignment: per-expert receive counts are padded to a multiple of it."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +49,8 @@ def workload_error(w: Workload, num_ranks: int) -> str | None:
         return f"--num-experts {w.num_experts} gives {w.num_experts // num_ranks} experts per rank; DeepEP allows at most 128"
     if not 1 <= w.num_topk <= min(32, w.num_experts):
         return f"--num-topk must be between 1 and min(32, num_experts), got {w.num_topk}"
+    if w.expert_alignment < 1:
+        return f"--expert-alignment must be >= 1, got {w.expert_alignment}"
     if w.hidden <= 0:
         return f"--hidden must be positive, got {w.hidden}"
     if w.dispatch_dtype == "fp8" and w.hidden % FP8_BLOCK:

@@ -290,10 +290,10 @@ def test_drop_partial_line(tmp_path):
 
 
 def test_launcher_note_after_cut_off_line_keeps_log_readable(tmp_path):
-    from deepep_tune.launch import _append_event
+    from deepep_tune.launch import note_interrupted
     p = tmp_path / "logs" / "tune_ep2_x.jsonl"
     write_lines(p, [HEADER, start(1), meas(1), start(2)], tail=json.dumps(meas(2))[:30])  # a rank killed mid-write
-    _append_event(str(p), {"event": "interrupted"})
+    note_interrupted(str(p))
     log = read_log(str(p))
     assert log.measurements == [meas(1)]
     assert log.dangling == []  # the interrupted note settles the config in flight

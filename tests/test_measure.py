@@ -24,12 +24,24 @@ def land(tmp_path):
 
 
 def test_reduce_samples_single_process():
-    r = reduce_samples([5.0, 1.0, 3.0, 2.0, 4.0], False, 5)
+    r = reduce_samples({"dispatch": [5.0, 1.0, 3.0, 2.0, 4.0]}, ("dispatch",), False, 5)
     assert r.time_us == 3.0 and r.min_us == 1.0 and r.max_us == 5.0 and r.failed_ranks == 0
-    r = reduce_samples([5.0, 1.0], True, 2)
+    r = reduce_samples({"dispatch": [5.0, 1.0]}, ("dispatch",), True, 2)
     assert r.failed_ranks == 1 and math.isinf(r.time_us)
-    r = reduce_samples([], False, 3)
+    r = reduce_samples({}, ("dispatch",), False, 3)
     assert r.failed_ranks == 1 and math.isinf(r.time_us)
+
+
+def test_reduce_samples_sums_the_medians_of_the_parts():
+    # per part: the median over iterations; the total is their sum, not the median of per-iteration sums
+    r = reduce_samples({"dispatch": [10.0, 30.0, 20.0], "cached_dispatch": [3.0, 1.0, 2.0]},
+                       ("dispatch", "cached_dispatch"), False, 3)
+    assert r.parts_us == {"dispatch": 20.0, "cached_dispatch": 2.0}
+    assert r.time_us == 22.0
+    assert r.min_us == 13.0 and r.max_us == 31.0  # per-iteration sums: 13, 31, 22
+    # a part missing on this rank fails the measurement
+    r = reduce_samples({"dispatch": [1.0, 2.0, 3.0]}, ("dispatch", "cached_dispatch"), False, 3)
+    assert r.failed_ranks == 1
 
 
 def test_bench_runs_warmup_and_iters_outside_timing():
@@ -93,11 +105,15 @@ class _Wrong(Backend):
     name = "wrong"
 
     def measure(self, op, cfg, warmup, iters):
-        return LocalResult([1.0] * iters, error="received row 3 has wrong data")
+        return LocalResult({op: [1.0] * iters}, error="received row 3 has wrong data")
 
 
 class _Broken(Backend):
     name = "broken"
+    ok = True
+
+    def healthy(self):
+        return self.ok
 
     def measure(self, op, cfg, warmup, iters):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -114,7 +130,9 @@ def test_context_lost_is_raised_after_logging(tmp_path):
     log = tmp_path / "logs" / "x.jsonl"
     w = LogWriter(str(log), create=True)
     w.write({"event": "header"})
-    m = Measurer(_Broken(), MeasureSettings(0, 1), rank=0, log=w, healthy=lambda: False)
+    lost = _Broken()
+    lost.ok = False
+    m = Measurer(lost, MeasureSettings(0, 1), rank=0, log=w)
     with pytest.raises(ContextLost):
         m.time("dispatch", TuneConfig(8, 4, 128))
     w.close()
@@ -122,5 +140,5 @@ def test_context_lost_is_raised_after_logging(tmp_path):
     assert len(contents.measurements) == 1 and contents.measurements[0]["status"] == "error"
     assert not contents.dangling
     # with a healthy device the same failure is just a failed config
-    m = Measurer(_Broken(), MeasureSettings(0, 1), rank=0, log=None, healthy=lambda: True)
+    m = Measurer(_Broken(), MeasureSettings(0, 1), rank=0, log=None)
     assert m.time("dispatch", TuneConfig(8, 4, 128)) == math.inf

@@ -11,6 +11,16 @@ from deepep_tune.logio import LogError, LogWriter, read_log
 from deepep_tune.measure import MeasureSettings, Measurer
 from deepep_tune.space import TuneConfig
 
+
+def _samples(res):
+    """The samples of a forward-objective measurement (one part)."""
+    (samples,) = res.parts.values()
+    return samples
+
+
+def _t(res):
+    return _samples(res)[0]
+
 POINTS = list(grid_points(sms=(4, 8, 16), dchunks=(2, 4, 6), cchunks=(1, 3), buffers=(128, 256)))
 FN = bowl(1.0, (1.0, 1.0), (0.0, 0.0), sms=(4, 8, 16), dchunks=(2, 4, 6), cchunks=(1, 3), buffers=(128, 256))
 
@@ -32,9 +42,9 @@ def test_space_is_exactly_the_configs_in_the_file(landscape):
         {k for k in truth if k[0] == "combine"}
     assert sp.size() == len(truth)
     for (op, s, c, bb) in truth:
-        assert b.has(op, TuneConfig(s, c, bb))
-    assert not b.has("dispatch", TuneConfig(24, 8, 256))
-    assert not b.has("combine", TuneConfig(4, 2, 128))  # a dispatch chunk, not a combine one
+        assert b.can_measure(op, TuneConfig(s, c, bb))
+    assert not b.can_measure("dispatch", TuneConfig(24, 8, 256))
+    assert not b.can_measure("combine", TuneConfig(4, 2, 128))  # a dispatch chunk, not a combine one
 
 
 def test_space_of_partial_landscape(tmp_path):
@@ -72,7 +82,7 @@ def test_zero_noise_returns_exact_time(landscape, iters):
     for (op, s, c, bb), t in truth.items():
         cfg = TuneConfig(s, c, bb)
         res = b.measure(op, cfg, 0, iters)
-        assert res.error is None and res.samples_us and all(x == t for x in res.samples_us)
+        assert res.error is None and _samples(res) and all(x == t for x in _samples(res))
         assert m.time(op, cfg) == t
         assert m.remeasure(op, cfg) == t
     assert all(r["time_us"] in truth.values() for r in m.records)
@@ -80,7 +90,7 @@ def test_zero_noise_returns_exact_time(landscape, iters):
 
 def _sequence(b, n=5):
     cfgs = [("dispatch", TuneConfig(4, 2, 128)), ("combine", TuneConfig(16, 3, 256)), ("dispatch", TuneConfig(8, 6, 256))]
-    return [b.measure(op, cfg, 0, 1).samples_us[0] for _ in range(n) for op, cfg in cfgs]
+    return [_t(b.measure(op, cfg, 0, 1)) for _ in range(n) for op, cfg in cfgs]
 
 
 def test_noise_is_deterministic_per_seed_and_varies_per_repeat(landscape):
@@ -141,9 +151,9 @@ def test_tool_log_can_be_replayed(tmp_path, landscape):
     sp = b.space()
     # every recorded config, including the failed one, is in the replayed space
     assert sp.size() == len(truth) + 1
-    assert b.has(*missing)
+    assert b.can_measure(*missing)
     for (op, s, c, bb), t in truth.items():
-        assert b.measure(op, TuneConfig(s, c, bb), 0, 1).samples_us[0] == t
+        assert _t(b.measure(op, TuneConfig(s, c, bb), 0, 1)) == t
     with pytest.raises(Exception):
         b.measure(*missing, 0, 1)
     m = Measurer(b, MeasureSettings(warmup=0, iters=1), rank=0, log=None)
@@ -162,8 +172,8 @@ def test_status_not_ok_in_log_is_a_failure(tmp_path):
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     b = ReplayBackend(str(log))
-    assert b.measure("dispatch", TuneConfig(8, 4, 128), 0, 1).samples_us[0] == 12.0
-    assert b.measure("combine", TuneConfig(8, 3, 128), 0, 1).samples_us[0] == 7.0
+    assert _t(b.measure("dispatch", TuneConfig(8, 4, 128), 0, 1)) == 12.0
+    assert _t(b.measure("combine", TuneConfig(8, 3, 128), 0, 1)) == 7.0
     for op, cfg in (("dispatch", TuneConfig(8, 6, 128)), ("combine", TuneConfig(8, 1, 128))):
         with pytest.raises(Exception):
             b.measure(op, cfg, 0, 1)
@@ -190,11 +200,11 @@ def test_records_per_token_count(tmp_path):
     b = ReplayBackend(str(p))
     cfg = TuneConfig(8, 4, 128)
     b.prepare(Workload(num_tokens=64))
-    assert b.measure("dispatch", cfg, 0, 1).samples_us[0] == 10.0
-    assert not b.has("dispatch", TuneConfig(8, 6, 128))
-    assert b.measure("combine", TuneConfig(8, 1, 128), 0, 1).samples_us[0] == 5.0
+    assert _t(b.measure("dispatch", cfg, 0, 1)) == 10.0
+    assert not b.can_measure("dispatch", TuneConfig(8, 6, 128))
+    assert _t(b.measure("combine", TuneConfig(8, 1, 128), 0, 1)) == 5.0
     b.prepare(Workload(num_tokens=128))
-    assert b.measure("dispatch", cfg, 0, 1).samples_us[0] == 20.0
-    assert b.has("dispatch", TuneConfig(8, 6, 128)) and b.has("combine", TuneConfig(8, 1, 128))
+    assert _t(b.measure("dispatch", cfg, 0, 1)) == 20.0
+    assert b.can_measure("dispatch", TuneConfig(8, 6, 128)) and b.can_measure("combine", TuneConfig(8, 1, 128))
     b.prepare(Workload(num_tokens=4096))
     assert b.space().dispatch == () and b.space().combine == (TuneConfig(8, 1, 128),)

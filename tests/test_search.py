@@ -10,9 +10,8 @@ from _helpers import (BUFFERS, COMBINE_CHUNKS, DISPATCH_CHUNKS, SMS, bowl, brute
                       write_landscape)
 from deepep_tune.backends.replay import ReplayBackend
 from deepep_tune.measure import MeasureSettings, Measurer
-from deepep_tune.search import SmsRow, full_search, per_sms_table, pick, quick_search, refine
+from deepep_tune.search import SmsRow, full_search, per_sms_table, pick, quick_search, refine, search_and_baselines
 from deepep_tune.space import Space, TuneConfig
-from deepep_tune.tuner import search_and_baselines
 
 
 def _oracle(path, noise=0.0, seed=0):
@@ -145,7 +144,7 @@ def test_search_finds_coupled_optimum(coupled_landscape, mode):
     path, truth = coupled_landscape
     backend, meas = _oracle(path)
     space = backend.space()
-    best, rows, _ = search_and_baselines(meas, space, mode, 4, None, None, backend.has)
+    best, rows, _ = search_and_baselines(meas, space, mode, 4, None, None)
     opt = brute_force_optimum(truth)
     assert opt[0] == 16
     _assert_is_optimum(best, opt)
@@ -159,7 +158,7 @@ def test_search_finds_coupled_optimum(coupled_landscape, mode):
 def test_full_search_respects_max_sms(coupled_landscape, max_sms):
     path, truth = coupled_landscape
     backend, meas = _oracle(path)
-    best, rows, _ = search_and_baselines(meas, backend.space(), "full", 4, max_sms, None, backend.has)
+    best, rows, _ = search_and_baselines(meas, backend.space(), "full", 4, max_sms, None)
     assert best.num_sms <= max_sms
     _assert_is_optimum(best, brute_force_optimum(truth, max_sms))
 
@@ -169,11 +168,11 @@ def test_quick_search_respects_max_sms(coupled_landscape, max_sms):
     path, truth = coupled_landscape
     backend, meas = _oracle(path)
     # unrestricted space: the pick still obeys the budget
-    best, _, _ = search_and_baselines(meas, backend.space(), "quick", 4, max_sms, None, backend.has)
+    best, _, _ = search_and_baselines(meas, backend.space(), "quick", 4, max_sms, None)
     assert best.num_sms <= max_sms
     # restricted like the tuner does: the constrained optimum is found
     backend, meas = _oracle(path)
-    best, _, _ = search_and_baselines(meas, backend.space().restrict(max_sms), "quick", 4, max_sms, None, backend.has)
+    best, _, _ = search_and_baselines(meas, backend.space().restrict(max_sms), "quick", 4, max_sms, None)
     _assert_is_optimum(best, brute_force_optimum(truth, max_sms))
 
 
@@ -195,7 +194,7 @@ def test_full_and_quick_find_bowl_optimum(tmp_path, i):
     counts = {}
     for mode in ("full", "quick"):
         backend, meas = _oracle(path)
-        best, _, _ = search_and_baselines(meas, backend.space(), mode, 8, None, None, backend.has)
+        best, _, _ = search_and_baselines(meas, backend.space(), mode, 8, None, None)
         _assert_is_optimum(best, opt)
         counts[mode] = len(meas.records)
     space_size = len(truth)
@@ -208,7 +207,7 @@ def test_full_search_finds_optimum_of_rugged_landscape(tmp_path):
     path = tmp_path / "rugged.jsonl"
     truth = write_landscape(path, lambda op, s, c, b: rnd.uniform(50.0, 500.0))
     backend, meas = _oracle(path)
-    best, _, _ = search_and_baselines(meas, backend.space(), "full", 2, None, None, backend.has)
+    best, _, _ = search_and_baselines(meas, backend.space(), "full", 2, None, None)
     _assert_is_optimum(best, brute_force_optimum(truth))
 
 
@@ -242,7 +241,7 @@ def test_search_never_picks_a_failing_config(tmp_path, monkeypatch, mode):
     s, dkey, ckey, _ = brute_force_optimum(truth)
     monkeypatch.setenv("DEEPEP_TUNE_INJECT", f"raise@dispatch:{s},{dkey[2]},{dkey[3]}")
     backend, meas = _oracle(path)
-    best, _, _ = search_and_baselines(meas, backend.space(), mode, 2, None, None, backend.has)
+    best, _, _ = search_and_baselines(meas, backend.space(), mode, 2, None, None)
     failed = [r for r in meas.records if r["status"] != "ok"]
     assert failed and all((r["op"], r["num_sms"], r["nvl_chunk"], r["nvl_buffer"]) == dkey for r in failed)
     assert all(r["status"] == "error" and r["time_us"] is None and "injected" in r["error"] for r in failed)
@@ -321,7 +320,7 @@ def test_refine_with_noise_decides_on_several_observations(tmp_path):
 def test_baselines_measured_from_landscape(coupled_landscape):
     path, truth = coupled_landscape
     backend, meas = _oracle(path)
-    best, _, bases = search_and_baselines(meas, backend.space(), "full", 4, None, None, backend.has)
+    best, _, bases = search_and_baselines(meas, backend.space(), "full", 4, None, None)
     by = {b.name: b for b in bases}
     assert {"deepep_default", "community_24_8_256"} <= set(by)
     d = by["deepep_default"]
@@ -343,7 +342,7 @@ def test_baselines_skipped_when_not_measurable(tmp_path):
     write_landscape(path, bowl(1.0, (1.0, 1.0), (1.0, 0.0), sms=(4, 8, 16), dchunks=(2, 4, 8), cchunks=(1, 2),
                                buffers=(128, 256)), pts)
     backend, meas = _oracle(path)
-    best, _, bases = search_and_baselines(meas, backend.space(), "full", 4, None, None, backend.has)
+    best, _, bases = search_and_baselines(meas, backend.space(), "full", 4, None, None)
     by = {b.name: b for b in bases}
     assert by["community_24_8_256"].skipped and by["community_24_8_256"].dispatch_us is None
     assert by["deepep_default"].skipped  # (6, 256) / (9, 256) are not in this landscape
@@ -354,7 +353,7 @@ def test_baselines_skipped_when_not_measurable(tmp_path):
 def test_baselines_skipped_beyond_sms_cap(coupled_landscape):
     path, _ = coupled_landscape
     backend, meas = _oracle(path)
-    best, _, bases = search_and_baselines(meas, backend.space().restrict(16), "full", 4, 16, 16, backend.has)
+    best, _, bases = search_and_baselines(meas, backend.space().restrict(16), "full", 4, 16, 16)
     by = {b.name: b for b in bases}
     assert by["community_24_8_256"].skipped and "16" in by["community_24_8_256"].skipped
     assert not any(r["num_sms"] > 16 for r in meas.records)

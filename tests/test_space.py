@@ -1,39 +1,67 @@
-"""The config space: DeepEP's constraints, the grid each mode sweeps, and the NVL buffer sizes."""
+"""The config space: DeepEP's constraints, the grid each mode sweeps, the NVL buffer sizes, DeepEP's 32-bit
+view limit, and the run's space and buffer sizing. Expected values are written out from DeepEP's source
+(v1.2.1: csrc/config.hpp, csrc/deep_ep.cpp, csrc/kernels/intranode.cu, csrc/kernels/buffer.cuh) or worked
+by hand, never computed by the function under test."""
 
 import itertools
 
 import pytest
 
 from _helpers import ROOT  # noqa: F401  (puts the repository on sys.path)
-from deepep_tune.space import (COMMUNITY_CONFIG, Axes, Space, TuneConfig, build_space, combine_nvl_bytes,
-                               config_error, dispatch_nvl_bytes, mode_axes, space_from_points)
+from deepep_tune.gpus import sms_cap
+from deepep_tune.options import Options
+from deepep_tune.space import (COMMUNITY_CONFIG, INT32_MAX, Axes, Space, TuneConfig, build_space, config_error,
+                               int32_overflow, mode_axes, nvl_bytes, nvl_size_hint, space_from_points)
+from deepep_tune.tuner import buffer_bytes, sweep_space
+from deepep_tune.workload import Workload
+
+V3 = Workload(4096, 7168, 8, 256)  # DeepSeek-V3 shapes, bf16
 
 
-# --- config_error ---------------------------------------------------------------------------------
+def dispatch_nvl_bytes(cfg, num_ranks, hidden_bytes, topk, scales):
+    return nvl_bytes("dispatch", cfg, num_ranks, Workload(1, hidden_bytes // 2 if not scales else hidden_bytes, topk,
+                                                           256, "fp8" if scales else "bf16"))
 
-@pytest.mark.parametrize("cfg", [
-    TuneConfig(0, 4, 128),     # zero SMs
-    TuneConfig(-2, 4, 128),    # negative
-    TuneConfig(3, 4, 128),     # odd: a channel is two SMs
-    TuneConfig(23, 8, 256),
-    TuneConfig(24, 256, 256),  # chunk == buffer
-    TuneConfig(24, 300, 256),  # chunk > buffer
-    TuneConfig(24, 0, 256),    # empty chunk
+
+def combine_nvl_bytes(cfg, num_ranks, hidden, topk):
+    return nvl_bytes("combine", cfg, num_ranks, Workload(1, hidden, topk, 256))
+
+
+# --- config_error: csrc/config.hpp L23-50 (ctor asserts) + the kernels' even/positive num_sms ---------
+
+@pytest.mark.parametrize("args", [
+    (0, 4, 128),     # zero SMs: the ctor allows it, an empty cooperative launch fails
+    (-2, 4, 128),    # negative
+    (3, 4, 128),     # odd: a channel is two SMs
+    (24, 256, 256),  # chunk == buffer
+    (24, 300, 256),  # chunk > buffer
+    (24, 0, 256),    # empty chunk
+    (24, 8, 256, 0, 128),    # rdma sizes must be positive
 ])
-def test_config_error_rejects(cfg):
-    err = config_error(cfg)
-    assert isinstance(err, str) and err
+def test_config_error_rejects(args):
+    assert config_error(*args)
+
+
+def test_config_error_rdma_rule_hand_worked():
+    # csrc/config.hpp: rdma_recv is aligned up to a multiple of rdma_send, then rdma_send <= rdma_recv / 2
+    assert config_error(24, 8, 256, 100, 128) is None   # align(128, 100) = 200; 100 <= 100
+    assert config_error(24, 8, 256, 130, 128) is not None  # align(128, 130) = 130; 130 > 65
+    assert config_error(24, 8, 256, 6, 128) is None    # DeepEP's own tables
 
 
 def test_config_error_names_the_offending_field():
-    assert "num_sms" in config_error(TuneConfig(7, 4, 128))
-    assert "nvl_chunk" in config_error(TuneConfig(8, 128, 128))
+    assert "num_sms" in config_error(7, 4, 128)
+    assert "nvl_chunk" in config_error(8, 128, 128)
 
 
-@pytest.mark.parametrize("cfg", [TuneConfig(2, 1, 2), TuneConfig(20, 6, 256), TuneConfig(*COMMUNITY_CONFIG),
-                                 TuneConfig(132, 32, 512)])
-def test_config_error_accepts_valid(cfg):
-    assert config_error(cfg) is None
+@pytest.mark.parametrize("args", [(2, 1, 2), (20, 6, 256), COMMUNITY_CONFIG, (132, 32, 512), (20, 6, 256, 6, 256)])
+def test_config_error_accepts_valid(args):
+    assert config_error(*args) is None
+
+
+def test_turbo_tuple_pasted_as_three_values_is_rejected():
+    # Config(num_cus, 24, 8, 256): nvl_send=24 >= nvl_recv=8 trips `nvl_send < nvl_recv`
+    assert config_error(64, *COMMUNITY_CONFIG) is not None
 
 
 # --- mode_axes / build_space ----------------------------------------------------------------------
@@ -65,7 +93,8 @@ def test_build_space_keeps_exactly_the_valid_fitting_configs(mode, cap, fits_nam
 
     product = {("dispatch", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes.sms, axes.dispatch_chunks, axes.buffers)}
     product |= {("combine", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes.sms, axes.combine_chunks, axes.buffers)}
-    expected = {(op, c) for op, c in product if config_error(c) is None and fits(op, c)}
+    valid = lambda c: c.num_sms > 0 and c.num_sms % 2 == 0 and 0 < c.nvl_chunk < c.nvl_buffer  # noqa: E731
+    expected = {(op, c) for op, c in product if valid(c) and fits(op, c)}
     got = {("dispatch", c) for c in space.dispatch} | {("combine", c) for c in space.combine}
 
     assert got == expected
@@ -74,7 +103,7 @@ def test_build_space_keeps_exactly_the_valid_fitting_configs(mode, cap, fits_nam
     assert space.size() + pruned == len(product)
     for op in ("dispatch", "combine"):
         for c in space.configs(op):
-            assert config_error(c) is None
+            assert c.error() is None
             assert fits(op, c)
             assert c.num_sms <= cap
 
@@ -185,3 +214,66 @@ def test_space_from_points_dedups():
     pts = [("dispatch", TuneConfig(8, 2, 128)), ("dispatch", TuneConfig(8, 2, 128)), ("combine", TuneConfig(8, 1, 128))]
     sp = space_from_points(pts)
     assert sp.dispatch == (TuneConfig(8, 2, 128),) and sp.combine == (TuneConfig(8, 1, 128),)
+
+
+# --- Config.get_nvl_buffer_size_hint: csrc/config.hpp L52-74 ------------------------------------------
+
+def test_size_hint_published_example():
+    # deepep_facts.md: 24 SMs, N=256, hidden 7168 bf16 (hidden_bytes 14336), 8 ranks -> 402,851,712 B
+    assert nvl_size_hint(TuneConfig(24, 8, 256), 14336, 8) == 402_851_712
+
+
+# --- the 32-bit view limit: buffer.cuh L14-22, intranode.cu L206-221 (dispatch), L620-634 (combine) ----
+
+def test_int32_overflow_hand_worked_example():
+    # 8 ranks, hidden 7168 bf16, top-8, 128 SMs (64 channels), nvl_buffer 512:
+    # x view = 64 * 8 * 512 * 14336 = 3,758,096,384 bytes > 2^31 - 1 (both ops)
+    cfg = TuneConfig(128, 8, 512)
+    assert 64 * 8 * 512 * 14336 == 3_758_096_384 > INT32_MAX
+    for op in ("dispatch", "combine"):
+        err = int32_overflow(op, cfg, 8, V3)
+        assert err and "3758096384" in err
+    # largest safe buffer at 128 SMs: floor(INT32_MAX / (64 * 8 * 14336)) = 292
+    assert int32_overflow("dispatch", TuneConfig(128, 8, 292), 8, V3) is None
+    assert int32_overflow("combine", TuneConfig(128, 8, 293), 8, V3) is not None
+    # fp8 dispatch halves the x view: 585 fits, 586 does not (floor(INT32_MAX / (64 * 8 * 7168)) = 585)
+    fp8 = Workload(4096, 7168, 8, 256, "fp8")
+    assert int32_overflow("dispatch", TuneConfig(128, 8, 585), 8, fp8) is None
+    assert int32_overflow("dispatch", TuneConfig(128, 8, 586), 8, fp8) is not None
+    # two ranks stay far below the limit at the same config
+    assert int32_overflow("dispatch", cfg, 2, V3) is None
+
+
+def test_sweep_excludes_int32_overflows_and_respects_max_buffer_gb():
+    o = Options(mode="full", max_buffer_gb=1e6)  # no byte budget: only the 32-bit rule prunes
+    space, pruned = sweep_space(o, 8, 132)
+    assert TuneConfig(128, 8, 512) not in space.dispatch and TuneConfig(128, 8, 512) not in space.combine
+    assert TuneConfig(128, 8, 256) in space.dispatch  # 64*8*256*14336 = 1.88e9 < 2^31
+    assert pruned > 0
+    # --max-buffer-gb 0.5: dispatch at 24 SMs, N=256, 8 ranks needs 12*8*256*14436 + ... = 354.8 MB (fits);
+    # at 48 SMs it needs ~709.6 MB (does not)
+    small, _ = sweep_space(Options(mode="full", max_buffer_gb=0.5), 8, 132)
+    assert TuneConfig(24, 8, 256) in small.dispatch
+    assert TuneConfig(48, 8, 256) not in small.dispatch
+    assert all(dispatch_nvl_bytes(c, 8, 14336, 8, 0) <= 0.5 * 2**30 for c in small.dispatch)
+
+
+def test_buffer_is_sized_for_the_largest_config_and_the_baselines():
+    # hand-worked: the space holds only dispatch (24, 8, 256) and combine (24, 9, 256) at 8 ranks; the
+    # baselines add DeepEP's table at 20 and 24 SMs and (24, 8, 256): the largest is dispatch at 24 SMs, N=256:
+    # 8*8*4 + 12*8*16 + 12*8*256*14436 = 256 + 1,536 + 354,779,136 = 354,780,928 (a multiple of 128)
+    space = Space((TuneConfig(24, 8, 256),), (TuneConfig(24, 9, 256),))
+    assert buffer_bytes(space, 8, V3, 132) == 354_780_928
+    # a cap below 24 drops the 24-SM baselines but not the space's own configs
+    assert buffer_bytes(space, 8, V3, 20) == 354_780_928
+
+
+@pytest.mark.parametrize("device_sms,ranks_per_gpu,cap", [
+    (132, 1, 132),  # one rank per H100: every SM
+    (133, 1, 132),  # even
+    (132, 2, 64),   # co-located: (132 - 1) // 2 = 65 -> even 64, so 2 x 64 = 128 < 132 resident at once
+    (132, 4, 32),   # 131 // 4 = 32: 4 x 32 = 128 < 132
+    (132, 8, 16),
+])
+def test_sms_cap(device_sms, ranks_per_gpu, cap):
+    assert sms_cap(device_sms, ranks_per_gpu) == cap

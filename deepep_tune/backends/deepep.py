@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import subprocess
 from typing import Any
 
@@ -10,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 from ..bench import CudaEventTimer
-from ..options import mps_running
-from ..space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig
-from ..workload import FP8_BLOCK, Workload
-from .base import CombineOut, DispatchOut, TokenBackend
+from ..gpus import mps_running, sms_cap
+from ..space import DEEPEP_DEFAULTS, RDMA_BUFFER, RDMA_CHUNK, SUPPORTED_RANKS, TuneConfig, nvl_size_hint
+from ..workload import Workload
+from .base import TokenBackend
 
 L2_FLUSH_BYTES = 256 << 20  # DeepEP's bench flushes L2 with a 256 MB memset
 
@@ -41,65 +42,77 @@ def local_device(local_rank: int) -> int:
     return local_rank % torch.cuda.device_count()
 
 
+def sms_cap_here(num_ranks: int, local_rank: int) -> tuple[int, int]:
+    """(largest num_sms a rank may use here, ranks per GPU)."""
+    ranks_per_gpu = math.ceil(num_ranks / torch.cuda.device_count())
+    device_sms = torch.cuda.get_device_properties(local_device(local_rank)).multi_processor_count
+    return sms_cap(device_sms, ranks_per_gpu), ranks_per_gpu
+
+
+def installed_mismatch(deep_ep: Any) -> str | None:
+    """Where the installed DeepEP disagrees with this project's copy of its default tables (space.py) or of
+    Config.get_nvl_buffer_size_hint, or None. Config's fields are not readable from Python, so the getters
+    are called with their module's Config swapped for a recorder of the constructor arguments."""
+    getters = {"dispatch": deep_ep.Buffer.get_dispatch_config, "combine": deep_ep.Buffer.get_combine_config}
+    scope = getters["dispatch"].__globals__
+    real_config = scope["Config"]
+    try:
+        scope["Config"] = lambda *args: args
+        tables = {op: {r: get(r) for r in SUPPORTED_RANKS} for op, get in getters.items()}
+    finally:
+        scope["Config"] = real_config
+    num_sms = deep_ep.Buffer.num_sms
+    for op, by_ranks in tables.items():
+        for r, args in by_ranks.items():
+            ours = (num_sms, *DEEPEP_DEFAULTS[op][r], RDMA_CHUNK, RDMA_BUFFER)
+            if tuple(args) != ours:
+                return f"installed deep_ep's get_{op}_config({r}) is Config{tuple(args)}, this tool assumes Config{ours}"
+    for cfg in (TuneConfig(24, 8, 256), TuneConfig(64, 6, 512)):
+        for hidden_bytes, ranks in ((14336, 8), (4096, 2)):
+            real = deep_ep.Config(*cfg.config_kwargs().values()).get_nvl_buffer_size_hint(hidden_bytes, ranks)
+            ours = nvl_size_hint(cfg, hidden_bytes, ranks)
+            if real != ours:
+                return (f"installed deep_ep's Config{cfg}.get_nvl_buffer_size_hint({hidden_bytes}, {ranks}) is {real}, "
+                        f"this tool computes {ours}")
+    return None
+
+
 class DeepEPBackend(TokenBackend):
     name = "deepep"
 
-    def __init__(self, workload: Workload, rank: int, num_ranks: int, local_rank: int,
-                 group: dist.ProcessGroup, num_nvl_bytes: int, colocated: bool) -> None:
+    def __init__(self, workload: Workload, rank: int, num_ranks: int, local_rank: int, group: dist.ProcessGroup,
+                 num_nvl_bytes: int, objective: str) -> None:
         import deep_ep  # imported here so that the package works without deep_ep installed
 
-        super().__init__(rank, num_ranks)
+        mismatch = installed_mismatch(deep_ep)
+        if mismatch:
+            raise RuntimeError(f"{mismatch}: update deepep_tune/space.py (DEEPEP_DEFAULTS, nvl_size_hint) for this "
+                               "DeepEP before tuning, or the baselines and paste targets would be wrong")
         self.deep_ep = deep_ep
         torch.cuda.set_device(local_device(local_rank))
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.colocated = colocated
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.sms_cap, ranks_per_gpu = sms_cap_here(num_ranks, local_rank)
+        self.colocated = ranks_per_gpu > 1
         self.num_nvl_bytes = num_nvl_bytes
-        self.buffer = deep_ep.Buffer(group, num_nvl_bytes, 0, low_latency_mode=False, num_qps_per_rank=1,
-                                     explicitly_destroy=True)
-        self.timer = CudaEventTimer()
-        self.l2 = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
+        buffer = deep_ep.Buffer(group, num_nvl_bytes, 0, low_latency_mode=False, num_qps_per_rank=1,
+                                explicitly_destroy=True)
+        # DeepEP's bench flushes L2 with a 256 MB memset before timing.
+        self.l2 = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        # NCCL refuses two ranks on one GPU; one rank per GPU gets NCCL for the all-to-all comparison.
+        a2a_group = None if self.colocated else dist.new_group(backend="nccl")
+        super().__init__(buffer, self._config, CudaEventTimer(), device, rank, num_ranks, objective,
+                         flush=self.l2.zero_, a2a_group=a2a_group)
         self.prepare(workload)
+
+    def buffer_module(self) -> Any:
+        return self.deep_ep
 
     def prepare(self, workload: Workload) -> None:
         super().prepare(workload)
-        deep_ep, dev = self.deep_ep, self.device
-        values = self.own_values.to(dev)
-        x = values[:, None].expand(workload.num_tokens, workload.hidden)
-        if workload.dispatch_dtype == "fp8":
-            # Column-major scales, as DeepEP's test and FP8 training recipes pass them.
-            scales = (values / 448.0)[:, None].expand(-1, workload.hidden // FP8_BLOCK).T.contiguous().T
-            self.x: Any = ((x / scales[:, :1]).to(torch.float8_e4m3fn), scales)
-        else:
-            self.x = x.to(torch.bfloat16).contiguous()
-        # topk_idx_t appeared with DeepEP #422; older builds take int64
-        self.topk_idx = self.routing.topk_idx.to(dev, getattr(deep_ep, "topk_idx_t", torch.int64))
-        self.topk_weights = self.routing.topk_weights.to(dev)
-        per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(self.topk_idx, workload.num_experts)
-        if not (torch.equal(per_rank.cpu(), self.routing.num_tokens_per_rank)
-                and torch.equal(per_expert.cpu(), self.routing.num_tokens_per_expert)
-                and torch.equal(in_rank.cpu(), self.routing.is_token_in_rank)):
-            raise RuntimeError("deep_ep.get_dispatch_layout disagrees with the reference layout")
-        self.layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
-        self.combine_in = self.expected.recv_values.to(dev, torch.bfloat16)[:, None].expand(-1, workload.hidden).contiguous()
-        self.combine_w = self.expected.recv_topk_weights.to(dev)
         torch.cuda.synchronize()
 
     def _config(self, cfg: TuneConfig) -> Any:
         return self.deep_ep.Config(cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer, RDMA_CHUNK, RDMA_BUFFER)
-
-    def flush(self) -> None:
-        self.l2.zero_()
-
-    def _dispatch(self, cfg: TuneConfig) -> DispatchOut:
-        recv_x, recv_idx, recv_w, per_expert, handle, _ = self.buffer.dispatch(
-            self.x, topk_idx=self.topk_idx, topk_weights=self.topk_weights, config=self._config(cfg), **self.layout)
-        xs, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
-        return DispatchOut(xs, scales, recv_idx, recv_w, per_expert, handle)
-
-    def _combine(self, cfg: TuneConfig, handle: Any) -> CombineOut:
-        combined, combined_w, _ = self.buffer.combine(self.combine_in, handle, topk_weights=self.combine_w,
-                                                      config=self._config(cfg))
-        return CombineOut(combined, combined_w)
 
     def describe(self) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(self.device)
@@ -112,6 +125,9 @@ class DeepEPBackend(TokenBackend):
             "cuda": torch.version.cuda,
             "deep_ep": deep_ep_version(),
             "mps": mps_running(),
+            "sms_cap": self.sms_cap,
+            "ranks_per_gpu": -(-self.num_ranks // torch.cuda.device_count()),
+            "topology": nvidia_topology(),
         }
 
     def close(self) -> None:
@@ -125,3 +141,12 @@ class DeepEPBackend(TokenBackend):
             return True
         except RuntimeError:
             return False
+
+
+def nvidia_topology() -> str | None:
+    """`nvidia-smi topo -m` (the link matrix between GPUs: NV18 is 18 NVLinks), for the results' hardware."""
+    try:
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -8,35 +8,47 @@ import random
 from collections import Counter
 from typing import Any
 
-from ..logio import measurement_key, read_landscape
+from ..logio import LogError, measurement_key, read_landscape
 from ..space import Space, TuneConfig, space_from_points
 from ..workload import Workload
-from .base import Backend, LocalResult
+from .base import OBJECTIVE_PARTS, Backend, LocalResult
 
 
 class ReplayBackend(Backend):
     name = "replay"
 
-    def __init__(self, path: str, noise: float = 0.0, seed: int = 0) -> None:
-        self.path, self.noise, self.seed = path, noise, seed
+    def __init__(self, path: str, noise: float = 0.0, seed: int = 0, objective: str = "forward") -> None:
+        self.path, self.noise, self.seed, self.objective = path, noise, seed, objective
         self.records = read_landscape(path)
         self.calls: Counter[tuple[str, TuneConfig]] = Counter()
         self.prepare(None)
 
     def prepare(self, workload: Workload | None) -> None:
         """Records that name a num_tokens answer only for that token count."""
-        self.times: dict[tuple[str, TuneConfig], float] = {}
+        self.times: dict[tuple[str, TuneConfig], dict[str, float]] = {}
         for rec in self.records:
             if workload is not None and rec.get("num_tokens", workload.num_tokens) != workload.num_tokens:
                 continue
+            key = measurement_key(rec)
+            if key in self.times:
+                continue
             ok = rec.get("status", "ok") == "ok" and isinstance(rec.get("time_us"), (int, float))
-            self.times.setdefault(measurement_key(rec), float(rec["time_us"]) if ok else math.inf)
+            parts = rec.get("parts_us") or {key[0]: rec.get("time_us")}
+            names = OBJECTIVE_PARTS[self.objective][key[0]]
+            if ok and any(not isinstance(parts.get(n), (int, float)) for n in names):
+                raise LogError(f"{self.path} has no {'/'.join(names)} times for {key[0]} (recorded with "
+                               f"--objective forward?): replay it with --objective forward")
+            self.times[key] = {n: float(parts[n]) if ok else math.inf for n in names}
 
     def space(self) -> Space:
         return space_from_points(self.times)
 
-    def has(self, op: str, cfg: TuneConfig) -> bool:
+    def can_measure(self, op: str, cfg: TuneConfig) -> bool:
         return (op, cfg) in self.times
+
+    def time_of(self, op: str, cfg: TuneConfig) -> float:
+        """The recorded (noise-free) time of op at cfg under this objective."""
+        return sum(self.times[(op, cfg)].values())
 
     def reused(self, op: str, cfg: TuneConfig) -> None:
         """A resumed run took this answer from its log: count it, so later draws match an uninterrupted run."""
@@ -46,15 +58,17 @@ class ReplayBackend(Backend):
         key = (op, cfg)
         if key not in self.times:
             raise KeyError(f"replay landscape {self.path} has no {op} measurement at {cfg}")
-        t = self.times[key]
-        if math.isinf(t):
+        parts = dict(self.times[key])
+        if any(math.isinf(t) for t in parts.values()):
             raise RuntimeError(f"{op} at {cfg} failed when the landscape was recorded")
         self.calls[key] += 1
         if self.noise:
             # Seeded by the point and its call count: identical on every rank, different per repeat.
             digest = hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}".encode()).digest()
-            t *= 1.0 + self.noise * random.Random(digest).gauss(0.0, 1.0)
-        return LocalResult([t] * iters)  # one answer per measurement; the reduction expects `iters` samples
+            factor = 1.0 + self.noise * random.Random(digest).gauss(0.0, 1.0)
+            parts = {n: t * factor for n, t in parts.items()}
+        # one answer per measurement; the reduction expects `iters` samples per part
+        return LocalResult({n: [t] * iters for n, t in parts.items()})
 
     def describe(self) -> dict[str, Any]:
         return {"device_name": f"replay of {self.path}", "colocated": False, "num_devices": 0, "device_sms": None,
