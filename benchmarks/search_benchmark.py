@@ -3,7 +3,8 @@
 
     python3 benchmarks/search_benchmark.py benchmarks/landscapes/*.jsonl [--seeds 5] [--noise 0.02]
 
-For each landscape and mode: measurements spent (baselines and re-measurements included), wall time,
+For each landscape, objective (train needs a landscape with backward parts: a log recorded with
+--objective train; forward replays any) and mode: measurements spent (baselines and re-measurements included), wall time,
 the chosen config, and regret = (true dispatch + combine time of the pick) / (optimum) - 1, where the
 optimum is the best (num_sms, dispatch config, combine config) of the whole landscape under the
 coupling rule. Runs the real search, noise guard and baselines through the replay backend on CPU."""
@@ -21,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tabulate import tabulate  # noqa: E402
 
 from deepep_tune.backends.replay import ReplayBackend  # noqa: E402
+from deepep_tune.logio import LogError  # noqa: E402
 from deepep_tune.measure import MeasureSettings, Measurer  # noqa: E402
-from deepep_tune.search import per_sms_table, pick  # noqa: E402
-from deepep_tune.tuner import search_and_baselines  # noqa: E402
+from deepep_tune.search import per_sms_table, pick, search_and_baselines  # noqa: E402
 
 
 def ep_size_of(path: str) -> int:
@@ -32,16 +33,16 @@ def ep_size_of(path: str) -> int:
     return int(head.get("ep_size", 4))
 
 
-def run_one(path: str, mode: str, noise: float, seed: int) -> dict:
-    backend = ReplayBackend(path, noise, seed)
+def run_one(path: str, objective: str, mode: str, noise: float, seed: int) -> dict:
+    backend = ReplayBackend(path, noise, seed, objective)
     space = backend.space()
-    truth = {k: [v] for k, v in backend.times.items()}
+    truth = {k: [backend.time_of(*k)] for k in backend.times}
     opt = pick(per_sms_table(truth, space))
     meas = Measurer(backend, MeasureSettings(warmup=0, iters=1), rank=0, log=None)
     t0 = time.perf_counter()
-    best, _, _ = search_and_baselines(meas, space, mode, ep_size_of(path), None, None, backend.has)
+    best, _, _ = search_and_baselines(meas, space, mode, ep_size_of(path), None, None)
     wall = time.perf_counter() - t0
-    true_total = backend.times[("dispatch", best.dispatch)] + backend.times[("combine", best.combine)]
+    true_total = backend.time_of("dispatch", best.dispatch) + backend.time_of("combine", best.combine)
     return {"measurements": len(meas.records), "space": space.size(), "wall_s": wall,
             "pick": f"{best.num_sms} d{best.dispatch.nvl_chunk}/{best.dispatch.nvl_buffer} "
                     f"c{best.combine.nvl_chunk}/{best.combine.nvl_buffer}",
@@ -56,15 +57,20 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for path in a.landscapes:
-        for mode in ("full", "quick"):
-            for noise, seeds in ((0.0, [0]), (a.noise, list(range(a.seeds)))):
-                runs = [run_one(path, mode, noise, s) for s in seeds]
-                worst = max(runs, key=lambda r: r["regret"])
-                rows.append([os.path.basename(path), mode, f"{noise:.0%}", len(seeds), runs[0]["space"],
-                             max(r["measurements"] for r in runs), f"{max(r['wall_s'] for r in runs):.2f}",
-                             worst["pick"], f"{100 * worst['regret']:.2f}%",
-                             f"{100 * sum(r['regret'] for r in runs) / len(runs):.2f}%"])
-    print(tabulate(rows, headers=["landscape", "mode", "noise", "seeds", "space", "max meas.", "max wall s",
+        for objective in ("train", "forward"):
+            try:
+                ReplayBackend(path, objective=objective)
+            except LogError:
+                continue  # a forward-only landscape
+            for mode in ("full", "quick"):
+                for noise, seeds in ((0.0, [0]), (a.noise, list(range(a.seeds)))):
+                    runs = [run_one(path, objective, mode, noise, s) for s in seeds]
+                    worst = max(runs, key=lambda r: r["regret"])
+                    rows.append([os.path.basename(path), objective, mode, f"{noise:.0%}", len(seeds), runs[0]["space"],
+                                 max(r["measurements"] for r in runs), f"{max(r['wall_s'] for r in runs):.2f}",
+                                 worst["pick"], f"{100 * worst['regret']:.2f}%",
+                                 f"{100 * sum(r['regret'] for r in runs) / len(runs):.2f}%"])
+    print(tabulate(rows, headers=["landscape", "objective", "mode", "noise", "seeds", "space", "max meas.", "max wall s",
                                   "worst pick", "worst regret", "mean regret"], tablefmt="github"))
 
 

@@ -16,7 +16,7 @@ from .gpus import gpu_count
 from .interrupts import append_event, gpu_busy_marker
 from .logio import LogContents, LogError, drop_partial_line, log_path, new_run_id, newest_unfinished, read_landscape, read_log
 from .models import list_models
-from .options import Options, build_parser, check_options, drop_options, parse_options, rerun_command, resume_error
+from .options import Options, OptionsError, build_parser, check_options, drop_options, parse_options, rerun_command, resume_error
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(HERE, "tune_singlenode.py")
@@ -127,7 +127,11 @@ def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int
     if "--list-models" in argv:
         print(list_models())
         return 0
-    o = parse_options(["--mode", mode, *argv])
+    try:
+        o = parse_options(["--mode", mode, *argv])
+    except OptionsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if isinstance(o, int):
         return 2 if o else 0
     gpus = gpu_count() if o.backend == "deepep" else 0

@@ -215,7 +215,8 @@ def layer_shape_error(o: Options) -> str | None:
 
 
 def parse_options(argv: list[str]) -> Options | int:
-    """The options of argv, or an exit code (argparse printed --help or its one-line error)."""
+    """The options of argv, or an exit code (argparse printed --help or its one-line error). Raises
+    OptionsError for values that parse but mean nothing (an unknown model, bad sizes)."""
     try:
         return options_from_args(build_parser().parse_args(argv))
     except SystemExit as e:

@@ -24,7 +24,7 @@ from .faults import extra_configs
 from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
 from .measure import ContextLost, MeasureSettings, Measurer, crashed_record
 from .models import list_models
-from .options import Options, check_options, layer_shape, parse_options, rerun_command, resume_error
+from .options import Options, OptionsError, check_options, layer_shape, parse_options, rerun_command, resume_error
 from .render import summary
 from .results import SizeOutcome, build_results, results_name, write_json_atomic
 from .routing import traffic
@@ -512,7 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(list_models())
         return 0
-    o = parse_options(argv)
+    try:
+        o = parse_options(argv)
+    except OptionsError as e:
+        _say(rank, f"error: {e}")
+        return EXIT_BAD_INPUT
     if isinstance(o, int):
         return o
     world = int(os.environ.get("WORLD_SIZE", "1"))

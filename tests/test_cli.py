@@ -6,10 +6,11 @@ import pytest
 
 from _helpers import ROOT, run_launch
 from deepep_tune.launch import torchrun_cmd
-from deepep_tune.options import Options, OptionsError, build_parser, drop_options, options_error, options_from_args
-from deepep_tune.space import build_space, mode_axes
-from deepep_tune.tuner import REFERENCE_SMS_CAP
+from deepep_tune.options import (Options, OptionsError, build_parser, drop_options, options_error, options_from_args,
+                                 rerun_command)
 from deepep_tune.workload import Workload
+from deepep_tune.space import build_space, mode_axes
+from deepep_tune.backends.reference import REFERENCE_SMS_CAP
 
 
 def _assert_refused(p, out_dir, *words):
@@ -144,7 +145,7 @@ def test_resume_of_finished_run_is_refused_up_front(tmp_path):
 # --- options_error, in process -------------------------------------------------------------------------------
 
 def _opts(**kw):
-    base = dict(backend="reference", workload=Workload(num_tokens=64, hidden=256, num_topk=4, num_experts=16))
+    base = dict(backend="reference", num_tokens=(64,), hidden=256, num_topk=4, num_experts=16)
     base.update(kw)
     return Options(**base)
 
@@ -157,7 +158,6 @@ def test_options_ok():
 @pytest.mark.parametrize("kw,ranks,word", [
     (dict(), 1, "2, 4 or 8"),
     (dict(), 16, "2, 4 or 8"),
-    (dict(mode="slow"), 4, "mode"),
     (dict(max_sms=0), 4, "max-sms"),
     (dict(max_sms=-4), 4, "max-sms"),
     (dict(max_sms=25), 4, "max-sms"),
@@ -173,7 +173,11 @@ def test_options_ok():
     (dict(run_id="a/b"), 4, "run-id"),
     (dict(run_id=""), 4, "run-id"),
     (dict(resume="/nonexistent.jsonl"), 4, "resume"),
-    (dict(workload=Workload(num_experts=18, num_topk=4, hidden=256)), 4, "num-experts"),
+    (dict(num_experts=18), 4, "num-experts"),
+    (dict(expert_alignment=0), 4, "expert-alignment"),
+    (dict(retime_rounds=0), 4, "retime-rounds"),
+    (dict(layer_check=True), 4, "moe-intermediate"),
+    (dict(compare=("/nonexistent.json",)), 4, "compare"),
 ])
 def test_options_errors(kw, ranks, word):
     err = options_error(_opts(**kw), ranks)
@@ -193,6 +197,7 @@ def test_options_from_args_roundtrip():
     o = options_from_args(a)
     assert (o.mode, o.backend, o.replay, o.max_sms, o.iters, o.warmup) == ("full", "replay", "x.jsonl", 20, 4, 0)
     assert o.workload == Workload(7, 512, 2, 8, "fp8", 9)
+    assert o.objective == "train"  # what a training step runs is the default
     assert options_from_args(build_parser().parse_args([])).resume is None
     assert options_from_args(build_parser().parse_args(["--resume"])).resume == ""
 
@@ -225,6 +230,25 @@ def test_drop_resume_option(args, expect):
 def test_drop_valued_options():
     argv = ["--backend", "reference", "--max-sms", "24", "--run-id=x", "--iters", "3", "--run-id", "y"]
     assert drop_options(argv, ("--max-sms", "--run-id")) == ["--backend", "reference", "--iters", "3"]
+
+
+def test_rerun_command_replaces_flags_and_drops_the_run_id():
+    argv = ["--model", "qwen3-30b-a3b", "--run-id", "x", "--max-sms", "64", "--iters", "3"]
+    assert rerun_command(2, "full", argv, max_sms=48) == \
+        "./run.sh 2 full --model qwen3-30b-a3b --iters 3 --max-sms 48"
+    assert rerun_command(4, "quick", ["--resume", "--iters", "3"], resume="logs/a b.jsonl") == \
+        "./run.sh 4 quick --iters 3 --resume logs/a b.jsonl"
+
+
+def test_every_option_has_one_flag_and_its_default():
+    # the parser is generated from the dataclass: a new field gets its flag and default for free
+    import dataclasses
+    p = build_parser()
+    defaults = vars(p.parse_args([]))
+    for f in dataclasses.fields(Options):
+        assert f.name in defaults
+        assert defaults[f.name] == f.default or (f.name == "num_tokens" and defaults[f.name] == f.default)
+    assert options_from_args(p.parse_args([])) == Options()
 
 
 def test_torchrun_cmd():

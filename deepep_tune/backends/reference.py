@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from ..bench import wall_timer
-from ..refbuffer import ReferenceBuffer, ReferenceConfig
 from ..space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig
 from ..workload import Workload
 from .base import TokenBackend
@@ -25,6 +24,8 @@ class ReferenceBackend(TokenBackend):
     sms_cap = REFERENCE_SMS_CAP
 
     def __init__(self, workload: Workload, rank: int, num_ranks: int, num_nvl_bytes: int, objective: str) -> None:
+        from ..refbuffer import ReferenceBuffer
+
         buffer = ReferenceBuffer(dist.group.WORLD, num_nvl_bytes)
         super().__init__(buffer, _config, wall_timer, torch.device("cpu"), rank, num_ranks, objective)
         self.prepare(workload)
@@ -34,5 +35,7 @@ class ReferenceBackend(TokenBackend):
                 "num_devices": 0, "device_sms": None, "sms_cap": self.sms_cap}
 
 
-def _config(cfg: TuneConfig) -> ReferenceConfig:
+def _config(cfg: TuneConfig) -> Any:
+    from ..refbuffer import ReferenceConfig
+
     return ReferenceConfig(cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer, RDMA_CHUNK, RDMA_BUFFER)

@@ -1,0 +1,76 @@
+"""The relaunch decision (launch.decide) is a pure function of torchrun's exit status, the log the ranks left,
+the GPU-busy marker, the launcher's own interrupt flag and the relaunch history: one test per branch."""
+
+import pytest
+
+from deepep_tune.launch import STARTUP_WAITS, History, decide
+from deepep_tune.logio import LogContents
+
+HINT = "./run.sh 2 full --resume logs/x.jsonl"
+
+
+def log(measurements=0, dangling=0, **flags) -> LogContents:
+    return LogContents("logs/x.jsonl", {"event": "header"}, [{"op": "dispatch"}] * measurements,
+                       [{"event": "start"}] * dangling, **flags)
+
+
+def test_success_is_done():
+    d = decide(0, log(3), False, False, History(), 10, HINT)
+    assert (d.action, d.code) == ("done", 0)
+
+
+def test_finished_log_is_done_with_torchruns_code():
+    # e.g. teardown failed after the results were written
+    d = decide(1, log(3, finished=True), False, False, History(), 10, HINT)
+    assert (d.action, d.code) == ("done", 1)
+
+
+@pytest.mark.parametrize("interrupted,flag", [(True, False), (False, True)])
+def test_interrupt_stops_with_130_and_the_resume_command(interrupted, flag):
+    d = decide(130, log(3, dangling=1, interrupted=flag), False, interrupted, History(), 10, HINT)
+    assert (d.action, d.code) == ("stop", 130)
+    assert HINT in d.message
+
+
+def test_gpu_busy_waits_then_gives_up_on_it():
+    d = decide(1, None, True, False, History(), 10, HINT)
+    assert d.action == "wait" and d.history.startup_waits == 1
+    d = decide(1, None, True, False, History(startup_waits=STARTUP_WAITS), 10, HINT)
+    assert d.action == "stop"  # no log: fails before writing it
+
+
+def test_no_log_stops():
+    d = decide(1, None, False, False, History(), 10, HINT)
+    assert (d.action, d.code) == ("stop", 1) and "before writing its log" in d.message
+
+
+def test_failed_event_stops_with_its_error():
+    d = decide(2, log(3, dangling=1, failed="every config failed"), False, False, History(), 10, HINT)
+    assert (d.action, d.code) == ("stop", 2) and "every config failed" in d.message
+
+
+def test_failure_outside_a_measurement_is_not_relaunched():
+    d = decide(1, log(3), False, False, History(), 10, HINT)
+    assert d.action == "stop" and "outside a measurement" in d.message and HINT in d.message
+
+
+@pytest.mark.parametrize("flags", [dict(dangling=1), dict(restart=True)])
+def test_crash_in_a_measurement_relaunches(flags):
+    d = decide(1, log(3, **flags), False, False, History(), 10, HINT)
+    assert d.action == "relaunch"
+    assert d.history == History(relaunches=1, progress=3 + flags.get("dangling", 0), startup_waits=0)
+
+
+def test_no_progress_waits_for_the_gpu_then_stops():
+    h = History(relaunches=1, progress=4)
+    d = decide(1, log(3, dangling=1), False, False, h, 10, HINT)
+    assert d.action == "wait" and d.history.startup_waits == 1 and d.history.relaunches == 1
+    d = decide(1, log(3, dangling=1), False, False, History(1, 4, STARTUP_WAITS), 10, HINT)
+    assert d.action == "stop" and "no progress" in d.message
+
+
+def test_relaunches_are_bounded():
+    d = decide(1, log(9, dangling=1), False, False, History(relaunches=10, progress=5), 10, HINT)
+    assert d.action == "stop" and "gave up after 10" in d.message
+    d = decide(1, log(9, dangling=1), False, False, History(relaunches=9, progress=5), 10, HINT)
+    assert d.action == "relaunch" and d.history.relaunches == 10
