@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -108,6 +109,22 @@ def note_interrupted(path: str) -> None:
         append_event(path, {"event": "interrupted", "t": time.time()})
 
 
+class StderrRelay(threading.Thread):
+    """Forwards torchrun's and the ranks' stderr until the user interrupts, and nothing after: torchrun's own
+    signal handling prints tracebacks that tell a user who pressed Ctrl-C nothing (the launcher prints one
+    line with the --resume command instead)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.muted = fd, False
+
+    def run(self) -> None:
+        while chunk := os.read(self.fd, 65536):
+            if not self.muted:
+                os.write(sys.stderr.fileno(), chunk)
+        os.close(self.fd)
+
+
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
     return [*launcher, "--standalone", "--nproc_per_node", str(nproc), SCRIPT, *args]
@@ -169,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     resume_hint = rerun_command(ranks, mode, flags, resume=path)
     interrupted = False
     child: subprocess.Popen | None = None
+    relay: StderrRelay | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal interrupted
         interrupted = True
+        if relay is not None:
+            relay.muted = True
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
 
@@ -186,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         busy = gpu_busy_marker(path)
         if os.path.exists(busy):  # left by an earlier run started with torchrun directly
             os.unlink(busy)
-        child = subprocess.Popen(cmd)
+        sys.stderr.flush()
+        child = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        assert child.stderr is not None
+        relay = StderrRelay(os.dup(child.stderr.fileno()))
+        child.stderr.close()
+        relay.start()
         rc = child.wait()
+        relay.join(timeout=5)
         log = _log(path)
         d = decide(rc, log, os.path.exists(busy), interrupted, history, retries, resume_hint)
         history = d.history

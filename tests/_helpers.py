@@ -34,14 +34,22 @@ def grid_points(sms: Iterable[int] = SMS, dchunks: Iterable[int] = DISPATCH_CHUN
             yield op, s, c, b
 
 
-def write_landscape(path, fn: TimeFn, points=None) -> dict[tuple[str, int, int, int], float]:
-    """Write a plain JSONL landscape; returns {(op, num_sms, chunk, buffer): time_us}."""
+BACKWARD_PART = {"dispatch": "cached_dispatch", "combine": "combine_bwd"}
+
+
+def write_landscape(path, fn: TimeFn, points=None, parts: bool = True) -> dict[tuple[str, int, int, int], float]:
+    """Write a plain JSONL landscape; returns {(op, num_sms, chunk, buffer): time_us}. With parts, each line
+    also splits time_us evenly into the forward call and its backward counterpart (what --objective train
+    times), so both objectives replay it and rank the configs alike."""
     truth = {}
     with open(path, "w") as f:
         for op, s, c, b in (points if points is not None else grid_points()):
             t = float(fn(op, s, c, b))
             truth[(op, s, c, b)] = t
-            f.write(json.dumps({"op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b, "time_us": t}) + "\n")
+            rec = {"op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b, "time_us": t}
+            if parts:
+                rec["parts_us"] = {op: t / 2, BACKWARD_PART[op]: t / 2}
+            f.write(json.dumps(rec) + "\n")
     return truth
 
 

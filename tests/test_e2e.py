@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from _helpers import brute_force_optimum, grid_points, read_jsonl, run_launch, write_landscape
+from _helpers import BACKWARD_PART, brute_force_optimum, grid_points, read_jsonl, run_launch, write_landscape
 from deepep_tune.backends.replay import ReplayBackend
 from deepep_tune.consumers import config_ctor_error
 from deepep_tune.logio import read_log
@@ -384,7 +384,7 @@ def _multi_landscape(path, first=SMALL, rest=LARGE):
                 t = float(t + (10 if op == "combine" else 0))
                 truth[(n, op, s, c, b)] = t
                 f.write(json.dumps({"num_tokens": n, "op": op, "num_sms": s, "nvl_chunk": c, "nvl_buffer": b,
-                                    "time_us": t}) + "\n")
+                                    "time_us": t, "parts_us": {op: t / 2, BACKWARD_PART[op]: t / 2}}) + "\n")
     return truth
 
 

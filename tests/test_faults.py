@@ -166,6 +166,9 @@ def test_ctrl_c_stops_all_ranks_and_resume_finishes(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 130, err[-3000:]
     assert f"--resume {log}" in err
+    # one line says what happened and how to continue; torchrun's signal tracebacks are not shown
+    assert len([ln for ln in err.splitlines() if "--resume" in ln]) == 1, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     events = [r.get("event") for r in read_jsonl(log)]
     assert events[0] == "header" and "interrupted" in events and "done" not in events
     assert not os.path.exists(log + ".interrupted")

@@ -13,9 +13,8 @@ from deepep_tune.space import TuneConfig
 
 
 def _samples(res):
-    """The samples of a forward-objective measurement (one part)."""
-    (samples,) = res.parts.values()
-    return samples
+    """Per iteration, the time of all parts of the measurement (one part for forward, two for train)."""
+    return [sum(x) for x in zip(*res.parts.values())]
 
 
 def _t(res):
@@ -171,7 +170,7 @@ def test_status_not_ok_in_log_is_a_failure(tmp_path):
         {"op": "combine", "num_sms": 8, "nvl_chunk": 3, "nvl_buffer": 128, "time_us": 7.0, "status": "ok"},
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    b = ReplayBackend(str(log))
+    b = ReplayBackend(str(log), objective="forward")
     assert _t(b.measure("dispatch", TuneConfig(8, 4, 128), 0, 1)) == 12.0
     assert _t(b.measure("combine", TuneConfig(8, 3, 128), 0, 1)) == 7.0
     for op, cfg in (("dispatch", TuneConfig(8, 6, 128)), ("combine", TuneConfig(8, 1, 128))):
@@ -197,7 +196,7 @@ def test_records_per_token_count(tmp_path):
             {"num_tokens": 128, "op": "dispatch", "num_sms": 8, "nvl_chunk": 6, "nvl_buffer": 128, "time_us": 21.0},
             {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": 5.0}]
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    b = ReplayBackend(str(p))
+    b = ReplayBackend(str(p), objective="forward")
     cfg = TuneConfig(8, 4, 128)
     b.prepare(Workload(num_tokens=64))
     assert _t(b.measure("dispatch", cfg, 0, 1)) == 10.0
@@ -208,3 +207,28 @@ def test_records_per_token_count(tmp_path):
     assert b.can_measure("dispatch", TuneConfig(8, 6, 128)) and b.can_measure("combine", TuneConfig(8, 1, 128))
     b.prepare(Workload(num_tokens=4096))
     assert b.space().dispatch == () and b.space().combine == (TuneConfig(8, 1, 128),)
+
+
+def test_objectives_replay_their_parts(tmp_path):
+    p = tmp_path / "parts.jsonl"
+    recs = [{"op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 30.0,
+             "parts_us": {"dispatch": 20.0, "cached_dispatch": 10.0}},
+            {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": 14.0,
+             "parts_us": {"combine": 7.0, "combine_bwd": 7.0}}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    train, fwd = ReplayBackend(str(p), objective="train"), ReplayBackend(str(p), objective="forward")
+    assert train.measure("dispatch", TuneConfig(8, 4, 128), 0, 2).parts == {"dispatch": [20.0] * 2,
+                                                                           "cached_dispatch": [10.0] * 2}
+    assert fwd.measure("dispatch", TuneConfig(8, 4, 128), 0, 2).parts == {"dispatch": [20.0] * 2}
+    m = Measurer(train, MeasureSettings(warmup=0, iters=3), rank=0, log=None)
+    assert m.time("dispatch", TuneConfig(8, 4, 128)) == 30.0
+    assert m.records[-1]["parts_us"] == {"dispatch": 20.0, "cached_dispatch": 10.0}
+    assert Measurer(fwd, MeasureSettings(0, 3), rank=0, log=None).time("combine", TuneConfig(8, 1, 128)) == 7.0
+
+
+def test_train_replay_of_a_forward_landscape_is_a_one_line_error(tmp_path):
+    p = tmp_path / "fwd.jsonl"
+    p.write_text(json.dumps({"op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 3.0}) + "\n")
+    with pytest.raises(LogError, match="--objective forward"):
+        ReplayBackend(str(p), objective="train")
+    assert ReplayBackend(str(p), objective="forward").time_of("dispatch", TuneConfig(8, 4, 128)) == 3.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import re
 import subprocess
 from typing import Any
 
@@ -147,6 +148,8 @@ def nvidia_topology() -> str | None:
     """`nvidia-smi topo -m` (the link matrix between GPUs: NV18 is 18 NVLinks), for the results' hardware."""
     try:
         out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        # the matrix only (the legend is nvidia-smi's), without its terminal underline codes
+        text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout).split("\nLegend:")[0].strip()
+        return text or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

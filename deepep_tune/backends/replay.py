@@ -17,7 +17,7 @@ from .base import OBJECTIVE_PARTS, Backend, LocalResult
 class ReplayBackend(Backend):
     name = "replay"
 
-    def __init__(self, path: str, noise: float = 0.0, seed: int = 0, objective: str = "forward") -> None:
+    def __init__(self, path: str, noise: float = 0.0, seed: int = 0, objective: str = "train") -> None:
         self.path, self.noise, self.seed, self.objective = path, noise, seed, objective
         self.records = read_landscape(path)
         self.calls: Counter[tuple[str, TuneConfig]] = Counter()
