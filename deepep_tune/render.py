@@ -188,10 +188,14 @@ def _optimal_section(path: str, res: dict[str, Any]) -> list[str]:
                          f"{100 * b['fraction_of_link']:.0f}% of {bw['link_gbps_per_direction']:.0f} GB/s"
                          + (f", {100 * b['fraction_of_nccl']:.0f}% of NCCL all_to_all ({b['nccl_all_to_all_gbps']} GB/s)"
                             if "fraction_of_nccl" in b else ""))
-    paste = {k: v for k, v in res["paste"].items() if k not in ("buffer_notes", "sglang_file")}
-    lines += ["", "Paste targets (each says what its consumer does with it):", ""]
-    for text in paste.values():
-        lines += ["```", text, "```", ""]
+    if res.get("schema_version", 1) >= 2:
+        paste = {k: v for k, v in res["paste"].items() if k not in ("buffer_notes", "sglang_file")}
+        lines += ["", "Paste targets (each says what its consumer does with it):", ""]
+        for text in paste.values():
+            lines += ["```", text, "```", ""]
+    else:
+        lines += ["", "(Written by an earlier version whose framework paste targets were not all true: only the "
+                      "SGLang config below is shown; re-run the tool for the others.)", ""]
     lines += ["SGLang `--deepep-config`:", "", "```json",
               json.dumps({"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}), "```", ""]
     return lines
