@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .apply import (APPLY_ENV, MARK, ORIGINAL, ConfigArgs, Results, TunedResults, acquire_recorder, apply_from_env,
                     config_args, current, load_results, release_recorder)
+from .space import TuneConfig, nvl_bytes
+from .workload import Workload
 
 AUDIT_ENV = "DEEPEP_TUNE_AUDIT"
 ALL_RANKS_ENV = "DEEPEP_TUNE_AUDIT_ALL_RANKS"
@@ -105,12 +107,9 @@ class Verdict:
 # L680-690 / L860-864 @ 567632d). A cached dispatch has no top-k and no experts (num_experts = 0 there).
 
 def needed_nvl_bytes(op: str, config: ConfigArgs, num_ranks: int, shapes: Shapes) -> int:
-    slots = config.num_sms // 2 * num_ranks
-    n = config.nvl_buffer
-    if op == "dispatch":
-        per_token = shapes.hidden * shapes.elem_size + 4 + shapes.num_topk * 8 + shapes.num_topk * 4 + 4 * shapes.num_scales
-        return num_ranks * num_ranks * 4 + slots * 4 * 4 + slots * n * per_token
-    return slots * 4 * 2 + slots * n * (shapes.hidden * shapes.elem_size + 4 + shapes.num_topk * 4)
+    """The NVL bytes DeepEP's host asserts require for this call (space.nvl_bytes, at the call's shapes)."""
+    w = Workload(1, shapes.hidden, shapes.num_topk, max(shapes.num_experts, 1), "fp8" if shapes.elem_size == 1 else "bf16")
+    return nvl_bytes(op, TuneConfig(*config.knobs()), num_ranks, w)
 
 
 # ----------------------------------------------------------------------------------------------------------
