@@ -35,6 +35,9 @@ from .space import TuneConfig, int32_overflow, nvl_bytes
 from .workload import Workload
 
 SCHEDULES = ("sequential", "overlap")
+# What layer_check times: forward + backward in both schedules, and the forward alone (sequential, no
+# autograd), which is what an inference prefill or a forward-only experiment sees.
+CHECKED = (*SCHEDULES, "forward_only")
 # Rows of each expert's group are padded to a multiple of this (DeepEP's expert_alignment does the counting).
 # torch._grouped_mm's CUTLASS path (SM90/SM100, bf16) needs 16-byte aligned group starts along a dynamic
 # dimension in some layouts (the weight-gradient 2d x 2d case); 8 bf16 rows = 16 bytes. Costs < 8 rows/expert.
@@ -446,7 +449,7 @@ def candidate_error(shape: LayerShape, d: TuneConfig, c: TuneConfig, num_ranks: 
 
 def layer_check(buffer: Any, make_config: Callable[[TuneConfig], Any], shape: LayerShape, rank: int, num_ranks: int,
                 device: torch.device, candidates: dict[str, tuple[TuneConfig, TuneConfig]], rounds: int,
-                warmup: int, schedules: tuple[str, ...] = SCHEDULES, seed: int = 0,
+                warmup: int, schedules: tuple[str, ...] = CHECKED, seed: int = 0,
                 reference: str | None = None, experts_impl: str | None = None) -> dict[str, Any]:
     """Time forward + backward of one MoE layer for every candidate (dispatch config, combine config) and
     schedule. Every rank must call this with the same arguments: the call sequence is identical on all ranks.
@@ -474,6 +477,10 @@ def layer_check(buffer: Any, make_config: Callable[[TuneConfig], Any], shape: La
 
     def step(name: str, sched: str) -> None:
         dcfg, ccfg = configs[name]
+        if sched == "forward_only":
+            with torch.no_grad():
+                layer(x, topk_idx, topk_w, buffer, dcfg, ccfg, "sequential")
+            return
         out = layer(x, topk_idx, topk_w, buffer, dcfg, ccfg, sched)
         grads = torch.autograd.grad(out, wrt, grad_out)
         del out, grads
@@ -494,7 +501,7 @@ def layer_check(buffer: Any, make_config: Callable[[TuneConfig], Any], shape: La
     norms = {}
     for name in runnable:
         with torch.no_grad():
-            norms[name] = float(layer(x, topk_idx, topk_w, buffer, *configs[name], schedules[0]).float().norm())
+            norms[name] = float(layer(x, topk_idx, topk_w, buffer, *configs[name], "sequential").float().norm())
     units = [(sched, name) for sched in schedules for name in runnable]
     for _ in range(warmup):
         for sched, name in units:

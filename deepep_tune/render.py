@@ -94,6 +94,8 @@ def layer_lines(layer: dict[str, Any] | None) -> list[str]:
                 for name, v in table.items()]
         out += ["", f"schedule: {sched}", tabulate(rows, headers=["candidate", "num_sms", "median ms", "p10-p90 ms",
                                                                   "vs DeepEP as shipped"], tablefmt="simple")]
+    for f in layer.get("fastest", {}).values():
+        out.append(f"[layer] {f['verdict']}")
     if layer.get("note"):
         out.append(f"[layer] {layer['note']}")
     return out + [""]

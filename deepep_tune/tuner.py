@@ -343,8 +343,19 @@ def run_layer_check(o: Options, backend: Backend, answer: SmsRow, outcome: SizeO
     w = outcome.workload
     shape = LayerShape(w.num_tokens, w.hidden, w.num_topk, w.num_experts, moe, shared, shared_size)
     backend.prepare(w)
-    return backend.layer_check(shape, layer_candidates(answer, outcome.rows, outcome.baselines), o.layer_rounds,
-                               o.warmup)
+    layer = backend.layer_check(shape, layer_candidates(answer, outcome.rows, outcome.baselines), o.layer_rounds,
+                                o.warmup)
+    for sched, table in layer.get("schedules", {}).items():
+        timed = {n: v["median_ms"] for n, v in table.items() if v.get("median_ms") is not None}
+        if timed:
+            fastest = min(timed, key=timed.__getitem__)
+            s = layer["num_sms"][fastest]
+            layer.setdefault("fastest", {})[sched] = {
+                "candidate": fastest, "num_sms": s,
+                "verdict": (f"{sched}: the layer is fastest with {fastest} at {s} SMs, the communication-only pick "
+                            f"uses {answer.num_sms}" + ("" if s == answer.num_sms else
+                                                         " (SMs given to DeepEP are taken from the GEMMs)"))}
+    return layer
 
 
 def advice(o: Options, ranks: Ranks, rows: list[SmsRow], answer: SmsRow, layer: dict[str, Any] | None) -> dict[str, Any] | None:

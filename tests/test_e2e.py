@@ -51,8 +51,12 @@ def _check_log(path, keys=MEASUREMENT_KEYS):
         assert keys <= set(m), (keys - set(m), m)
         assert m["op"] in ("dispatch", "combine")
         assert "event" not in m
-        if m["status"] == "ok":
+        if m["status"] == "ok" and "parts_us" not in m:
             assert m["time_us"] > 0 and m["min_us"] <= m["median_us"] <= m["max_us"]
+        elif m["status"] == "ok":  # the train objective: the sum of each part's median over iterations
+            assert m["time_us"] == pytest.approx(sum(m["parts_us"].values()), rel=1e-9)
+            assert 0 < m["min_us"] <= m["max_us"] and set(m["parts_us"]) in ({"dispatch", "cached_dispatch"},
+                                                                               {"combine", "combine_bwd"})
     return lines, measurements
 
 
@@ -220,11 +224,14 @@ def test_reference_log_can_be_replayed(reference_run):
     _, measurements = _check_log(log)
     first = {}
     for m in measurements:
-        first.setdefault((m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]), m["time_us"])
-    b = ReplayBackend(log)
-    assert b.space().size() == len(first)
-    for (op, s, c, bb), t in first.items():
-        assert b.measure(op, TuneConfig(s, c, bb), 0, 1).samples_us[0] == t
+        first.setdefault((m["op"], m["num_sms"], m["nvl_chunk"], m["nvl_buffer"]), m)
+    train, fwd = ReplayBackend(log, objective="train"), ReplayBackend(log, objective="forward")
+    assert train.space().size() == len(first)
+    for (op, s, c, bb), m in first.items():
+        parts = train.measure(op, TuneConfig(s, c, bb), 0, 1).parts
+        assert sum(x[0] for x in parts.values()) == pytest.approx(m["time_us"], rel=1e-12)
+        # the same log answers the forward objective with the forward call's own time
+        assert fwd.measure(op, TuneConfig(s, c, bb), 0, 1).parts == {op: [m["parts_us"][op]]}
 
 
 # --- replay backend, EP2, full ------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_layer_check_result(reports):
     assert res["reference"] == "deepep_as_shipped"
     assert set(res["skipped_candidates"]) == {"mismatched_sms", "too_big"}
     assert res["num_sms"] == {"deepep_as_shipped": 20, "pick": 8, "other": 12}
-    assert set(res["schedules"]) == {"sequential", "overlap"}
+    assert set(res["schedules"]) == {"sequential", "overlap", "forward_only"}
     assert res["output_spread"] < 1e-2 and "note" not in res
     for table in res["schedules"].values():
         assert set(table) == {"deepep_as_shipped", "pick", "other"}
@@ -142,7 +142,7 @@ def test_layer_check_result(reports):
 def test_layer_check_interleaves_candidates(reports):
     """The forward dispatches run warmup (units in order), then round r = the units rotated by r."""
     ship, pick, other = [20, 24, 256], [8, 4, 64], [12, 6, 128]
-    units = [ship, pick, other] * 2  # (schedule, candidate) units: sequential then overlap
+    units = [ship, pick, other] * 3  # (schedule, candidate) units: sequential, overlap, forward_only
     checks = [ship, pick, other]  # one untimed forward per candidate: outputs must agree
     want = checks + units + [u for r in range(4) for u in round_order(units, r)]
     for rep in reports:

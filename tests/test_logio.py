@@ -169,7 +169,7 @@ def test_only_measurements_have_top_level_op(tmp_path):
     p = tmp_path / "logs" / "tune_ep2_t.jsonl"
     w = LogWriter(str(p), create=True)
     w.write(HEADER)
-    m = Measurer(ReplayBackend(str(land)), MeasureSettings(0, 2), 0, w)
+    m = Measurer(ReplayBackend(str(land), objective="forward"), MeasureSettings(0, 2), 0, w)
     m.time("dispatch", TuneConfig(8, 4, 128))
     m.time("combine", TuneConfig(8, 1, 128))
     m.remeasure("combine", TuneConfig(8, 1, 128))
