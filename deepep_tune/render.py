@@ -133,9 +133,15 @@ def summary(res: dict[str, Any], emit: bool = False) -> str:
         lines.append(f"[best] dispatch {d['time_us']} us + combine {c['time_us']} us = {best['total_us']} us")
     adv = res.get("sm_advice")
     if adv and adv["num_sms"] != best["num_sms"]:
-        lines.append(f"[advice] {adv['num_sms']} SMs is within {100 * adv['tolerance']:.0f}% ({adv['slower_than_best_pct']}% "
-                     f"slower in communication; basis: {adv.get('basis', 'communication')}) and frees "
-                     f"{adv['sms_saved']} SMs for compute: {adv['command']}")
+        if "layer_slower_than_fastest_pct" in adv:
+            why = (f"its MoE layer forward + backward is within {100 * adv['tolerance']:.0f}% of the fastest "
+                   f"({adv['layer_slower_than_fastest_pct']}% slower; communication alone "
+                   f"{adv['slower_than_best_pct']}% slower)")
+        else:
+            why = (f"its dispatch + combine is within {100 * adv['tolerance']:.0f}% "
+                   f"({adv['slower_than_best_pct']}% slower)")
+        lines.append(f"[advice] {adv['num_sms']} SMs: {why}, and it frees {adv['sms_saved']} SMs for compute: "
+                     f"{adv['command']}")
     for note in res["paste"]["buffer_notes"]:
         lines.append(f"[buffer] {note}")
     paste = {k: v for k, v in res["paste"].items() if k not in ("buffer_notes", "sglang_file")}

@@ -359,21 +359,19 @@ def run_layer_check(o: Options, backend: Backend, answer: SmsRow, outcome: SizeO
 
 
 def advice(o: Options, ranks: Ranks, rows: list[SmsRow], answer: SmsRow, layer: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The smallest num_sms within --sm-tolerance of the answer: by the layer's time when it was checked
-    (SMs given to DeepEP are taken from the GEMMs), else by communication time."""
+    """The smallest num_sms within --sm-tolerance of the answer: by the MoE layer's forward + backward time
+    when it was checked (SMs given to DeepEP are taken from the GEMMs), else by communication time."""
     from .space import nvl_bytes_needed
 
     row = sm_advice(rows, o.sm_tolerance, o.max_sms, answer)
-    basis = "communication"
-    if layer and "schedules" in layer:
-        pick_layer = layer_advice(layer, o.sm_tolerance)
-        if pick_layer is not None:
-            row = next((r for r in rows if r.num_sms == pick_layer), row)
-            basis = "MoE layer forward + backward"
+    by_layer = layer_advice(layer, o.sm_tolerance) if layer else None
+    if by_layer is not None:
+        row = next((r for r in rows if r.num_sms == by_layer[0]), row)
     if row is None or row.dispatch is None or row.combine is None:
         return None
-    return {
-        "tolerance": o.sm_tolerance, "basis": basis,
+    out = {
+        "tolerance": o.sm_tolerance,
+        "basis": "MoE layer forward + backward" if by_layer else "communication",
         "num_sms": row.num_sms, "dispatch": row.dispatch.as_dict(), "combine": row.combine.as_dict(),
         "total_us": round(row.total_us, 2),
         "slower_than_best_pct": round(100 * (row.total_us / answer.total_us - 1), 2),
@@ -381,17 +379,23 @@ def advice(o: Options, ranks: Ranks, rows: list[SmsRow], answer: SmsRow, layer: 
         "num_nvl_bytes": nvl_bytes_needed(row.dispatch, row.combine, o.workload, ranks.world)["num_nvl_bytes"],
         "command": rerun_command(ranks.world, o.mode, list(ranks.argv), max_sms=row.num_sms),
     }
+    if by_layer:
+        out["layer_slower_than_fastest_pct"] = by_layer[1]
+    return out
 
 
-def layer_advice(layer: dict[str, Any], tolerance: float) -> int | None:
-    """The fewest SMs whose layer time (sequential schedule) is within tolerance of the layer's fastest."""
-    table = layer["schedules"].get("sequential") or next(iter(layer["schedules"].values()))
-    ok = {n: v for n, v in table.items() if isinstance(v, dict) and v.get("median_ms") is not None}
-    if not ok:
+def layer_advice(layer: dict[str, Any], tolerance: float) -> tuple[int, float] | None:
+    """(num_sms, % slower than the fastest) of the fewest-SM tuned candidate (the pick or the best config at a
+    smaller num_sms) whose layer forward + backward (sequential schedule) is within tolerance of the fastest."""
+    table = layer.get("schedules", {}).get("sequential", {})
+    tuned = {n: v["median_ms"] for n, v in table.items()
+             if (n == "pick" or n.startswith("best_at_")) and v.get("median_ms") is not None}
+    if not tuned:
         return None
-    fastest = min(v["median_ms"] for v in ok.values())
-    within = [layer["num_sms"][n] for n, v in ok.items() if v["median_ms"] <= fastest * (1 + tolerance)]
-    return min(within) if within else None
+    fastest = min(tuned.values())
+    within = [(layer["num_sms"][n], round(100 * (t / fastest - 1), 2)) for n, t in tuned.items()
+              if t <= fastest * (1 + tolerance)]
+    return min(within)
 
 
 # --- one rank's run --------------------------------------------------------------------------------
