@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if d.action == "stop":
             if d.code == 130 and log is not None and not log.interrupted:
                 note_interrupted(path)
-            print(("[run] " if d.code == 130 else "") + d.message, file=sys.stderr)
+            # after Ctrl-C, a progress bar may have left its line open
+            print(("\n[run] " if d.code == 130 else "") + d.message, file=sys.stderr)
             return d.code
         print(f"[run] {d.message}", file=sys.stderr, flush=True)
         if d.action == "wait":

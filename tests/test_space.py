@@ -259,13 +259,16 @@ def test_sweep_excludes_int32_overflows_and_respects_max_buffer_gb():
 
 
 def test_buffer_is_sized_for_the_largest_config_and_the_baselines():
-    # hand-worked: the space holds only dispatch (24, 8, 256) and combine (24, 9, 256) at 8 ranks; the
-    # baselines add DeepEP's table at 20 and 24 SMs and (24, 8, 256): the largest is dispatch at 24 SMs, N=256:
-    # 8*8*4 + 12*8*16 + 12*8*256*14436 = 256 + 1,536 + 354,779,136 = 354,780,928 (a multiple of 128)
+    # 8 ranks, DeepSeek-V3 bf16: a dispatch slot is 14336 + 4 + 8*8 + 8*4 = 14436 bytes; dispatch needs
+    # R*R*4 + C*R*16 + C*R*N*14436 (deep_ep.cpp L680-690), C = num_sms / 2.
+    # The space alone: dispatch (24, 8, 256) -> 256 + 1,536 + 354,779,136 = 354,780,928 (a multiple of 128)
     space = Space((TuneConfig(24, 8, 256),), (TuneConfig(24, 9, 256),))
     assert buffer_bytes(space, 8, V3, 132) == 354_780_928
-    # a cap below 24 drops the 24-SM baselines but not the space's own configs
-    assert buffer_bytes(space, 8, V3, 20) == 354_780_928
+    # A space of small configs: the baselines decide. (24, 8, 256) needs 354,780,928 as above; with a 20-SM cap
+    # it is not run, and DeepEP as shipped (20, 6, 256) needs 256 + 10*8*16 + 10*8*256*14436 = 295,650,816.
+    small = Space((TuneConfig(8, 4, 128),), (TuneConfig(8, 1, 128),))
+    assert buffer_bytes(small, 8, V3, 132) == 354_780_928
+    assert buffer_bytes(small, 8, V3, 20) == 295_650_816
 
 
 @pytest.mark.parametrize("device_sms,ranks_per_gpu,cap", [
