@@ -10,6 +10,8 @@ Buffer.set_num_sms before the consumer creates its Buffer).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .space import (RDMA_BUFFER, RDMA_CHUNK, SUPPORTED_RANKS, TuneConfig, config_error, deepep_default,
                     nvl_bytes, nvl_bytes_needed, nvl_size_hint)
 from .workload import Workload
@@ -73,6 +75,11 @@ def sglang_config(dispatch: TuneConfig, combine: TuneConfig) -> dict[str, dict[s
     """What SGLang's --deepep-config reads: Config(**normal_dispatch) and Config(**normal_combine)."""
     _check(dispatch, combine)
     return {"normal_dispatch": dispatch.config_kwargs(), "normal_combine": combine.config_kwargs()}
+
+
+def sglang_of(results: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The part of a results file SGLang reads (the _sglang.json file, the printed JSON)."""
+    return {k: results[k] for k in ("normal_dispatch", "normal_combine")}
 
 
 def fork_section_values(dispatch: TuneConfig, combine: TuneConfig) -> dict[str, int]:

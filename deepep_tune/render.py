@@ -7,6 +7,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .paste import sglang_of
+
 
 # printed without --emit: the target that reaches any deep_ep.Buffer user
 DEFAULT_TARGETS = ("deep_ep_buffer",)
@@ -205,7 +207,7 @@ def _optimal_section(path: str, res: dict[str, Any]) -> list[str]:
         lines += ["", "(Written by an earlier version whose framework paste targets were not all true: only the "
                       "SGLang config below is shown; re-run the tool for the others.)", ""]
     lines += ["SGLang `--deepep-config`:", "", "```json",
-              json.dumps({"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]}), "```", ""]
+              json.dumps(sglang_of(res)), "```", ""]
     return lines
 
 

@@ -24,6 +24,7 @@ from .faults import extra_configs
 from .logio import LogError, LogWriter, drop_partial_line, log_path, new_run_id, newest_unfinished, read_log
 from .measure import ContextLost, MeasureSettings, Measurer, crashed_record
 from .models import list_models
+from .paste import sglang_of
 from .options import Options, OptionsError, check_options, layer_shape, parse_options, rerun_command, resume_error
 from .render import summary
 from .results import SizeOutcome, build_results, results_name, write_json_atomic
@@ -290,24 +291,25 @@ def pick_overall(outcomes: list[SizeOutcome], measurers: dict[int, Measurer], ba
 def compared_picks(o: Options, world: int, path_out: str) -> dict[str, tuple[TuneConfig, TuneConfig, str]]:
     """Picks of other results files for the same node and workload (--compare, or an earlier run's results in
     --out-dir, e.g. quick's beside full's): they join the final re-timing, which gives their real regret."""
+    from .apply import load_results
+
     paths = list(o.compare) or sorted(p for p in glob.glob(os.path.join(o.out_dir, f"RESULTS_EP{world}*.json"))
                                       if not p.endswith("_sglang.json") and os.path.abspath(p) != os.path.abspath(path_out))
     out = {}
     for p in paths:
         try:
-            with open(p) as f:
-                r = json.load(f)
-            same = (r.get("ep_size") == world and {**r.get("workload", {}), "num_tokens": 0} ==
-                    {**o.workload.as_dict(), "num_tokens": 0} and r.get("objective", "forward") == o.objective)
-            if not same and not o.compare:
-                continue
-            d, c = (TuneConfig(r["normal_dispatch"]["num_sms"], r["normal_dispatch"]["num_max_nvl_chunked_send_tokens"],
-                               r["normal_dispatch"]["num_max_nvl_chunked_recv_tokens"]),
-                    TuneConfig(r["normal_combine"]["num_sms"], r["normal_combine"]["num_max_nvl_chunked_send_tokens"],
-                               r["normal_combine"]["num_max_nvl_chunked_recv_tokens"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--compare {p}: not a results file of this tool ({type(e).__name__}: {e})") from None
-        out[f"{r.get('mode', 'other')}_pick:{os.path.basename(os.path.dirname(os.path.abspath(p)))}"] = (d, c, p)
+            r = load_results(p)
+        except (OSError, ValueError) as e:
+            if o.compare:
+                raise UsageError(f"--compare {p}: not a results file of this tool ({e})") from None
+            continue
+        with open(p) as f:
+            meta = json.load(f)
+        same = (r.ep_size == world and {**r.workload, "num_tokens": 0} == {**o.workload.as_dict(), "num_tokens": 0}
+                and meta.get("objective", "forward") == o.objective)
+        if same or o.compare:
+            d, c = TuneConfig(*r.dispatch.knobs()), TuneConfig(*r.combine.knobs())
+            out[f"{meta.get('mode', 'other')}_pick:{os.path.basename(os.path.dirname(os.path.abspath(p)))}"] = (d, c, p)
     return out
 
 
@@ -469,7 +471,7 @@ def write_outputs(o: Options, run: Opened, res: dict[str, Any], outcomes: list[S
 
         res["plots"] = write_plots(stem, res, {oc.workload.num_tokens: measurers[oc.workload.num_tokens].observed()
                                                for oc in outcomes})
-    write_json_atomic(sglang, {"normal_dispatch": res["normal_dispatch"], "normal_combine": res["normal_combine"]})
+    write_json_atomic(sglang, sglang_of(res))
     write_json_atomic(out, res)
     assert run.log is not None
     run.log.write({"event": "done", "results": out, "t": time.time()})

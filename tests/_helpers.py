@@ -16,11 +16,12 @@ if ROOT not in sys.path:
 
 SUBPROCESS_TIMEOUT = 240
 
-# A grid like the one the tuner sweeps on a small GPU (and the one the reference backend uses).
-SMS = (4, 8, 12, 16, 20, 24, 28, 32)
-DISPATCH_CHUNKS = tuple(range(2, 33, 2))
-COMBINE_CHUNKS = tuple(range(1, 17))
-BUFFERS = (128, 192, 256, 384, 512)
+from deepep_tune.backends.reference import REFERENCE_SMS_CAP  # noqa: E402
+from deepep_tune.space import mode_axes  # noqa: E402
+
+# The grid the tuner sweeps on a small GPU (and the one the reference backend uses).
+_AXES = mode_axes("full", REFERENCE_SMS_CAP)
+SMS, DISPATCH_CHUNKS, COMBINE_CHUNKS, BUFFERS = _AXES.sms, _AXES.dispatch_chunks, _AXES.combine_chunks, _AXES.buffers
 
 TimeFn = Callable[[str, int, int, int], float]
 

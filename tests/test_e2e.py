@@ -258,6 +258,30 @@ def replay_run(tmp_path_factory):
     return p, out, land, truth
 
 
+def test_a_quick_pick_in_the_out_dir_is_retimed_beside_full(replay_run, tmp_path):
+    """quick then full in one out-dir: full's final comparison re-times quick's pick interleaved with its own,
+    which is quick's real regret (exact here: replayed times have no noise)."""
+    _, _, land, truth = replay_run
+    out = tmp_path / "out"
+    quick_dir, full_dir = out / "quick", out / "full"
+    base = ["2", "--backend", "replay", "--replay", str(land), "--max-sms", "8"]
+    assert run_launch([base[0], "quick", *base[1:], "--out-dir", str(quick_dir)]).returncode == 0
+    p = run_launch([base[0], "full", *base[1:], "--out-dir", str(full_dir), "--compare",
+                    str(quick_dir / "RESULTS_EP2_replay.json")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((full_dir / "RESULTS_EP2_replay.json").read_text())
+    quick = json.loads((quick_dir / "RESULTS_EP2_replay.json").read_text())
+    cand = res["comparison"]["candidates"]["quick_pick:quick"]
+    qd, qc = quick["best"]["dispatch"], quick["best"]["combine"]
+    assert (cand["dispatch"], cand["combine"]) == ({k: qd[k] for k in ("num_sms", "nvl_chunk", "nvl_buffer")},
+                                                   {k: qc[k] for k in ("num_sms", "nvl_chunk", "nvl_buffer")})
+    true = lambda d, c: truth[("dispatch", d["num_sms"], d["nvl_chunk"], d["nvl_buffer"])] + \
+        truth[("combine", c["num_sms"], c["nvl_chunk"], c["nvl_buffer"])]  # noqa: E731
+    ratio = true(qd, qc) / true(res["best"]["dispatch"], res["best"]["combine"])
+    assert cand["speedup_of_pick"]["median"] == pytest.approx(ratio, abs=1e-3)
+    assert "quick_pick:quick" in p.stdout
+
+
 def test_replay_run_finds_known_optimum(replay_run):
     p, out, land, truth = replay_run
     assert p.returncode == 0, p.stderr[-4000:]

@@ -280,3 +280,22 @@ def test_buffer_is_sized_for_the_largest_config_and_the_baselines():
 ])
 def test_sms_cap(device_sms, ranks_per_gpu, cap):
     assert sms_cap(device_sms, ranks_per_gpu) == cap
+
+
+# --- the installed DeepEP against this project's copy of its tables --------------------------------------
+
+def test_installed_deepep_tables_are_compared(monkeypatch):
+    """The CPU stand-in transcribes deep_ep/buffer.py's tables: they match; a changed row is named."""
+    import os
+    from deepep_tune.backends.deepep import installed_mismatch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "fake_deep_ep"))
+    import deep_ep
+    assert installed_mismatch(deep_ep) is None
+    # an upstream retune of the 4-rank combine row, written as buffer.py writes its tables
+    scope = {"Config": deep_ep.buffer.Config, "Buffer": deep_ep.Buffer}
+    exec("def get_combine_config(num_ranks):\n"
+         "    return {2: Config(Buffer.num_sms, 10, 256, 6, 128), 4: Config(Buffer.num_sms, 12, 256, 6, 128),\n"
+         "            8: Config(Buffer.num_sms, 4, 256, 6, 128)}[num_ranks]\n", scope)
+    monkeypatch.setattr(deep_ep.Buffer, "get_combine_config", staticmethod(scope["get_combine_config"]))
+    err = installed_mismatch(deep_ep)
+    assert err and "get_combine_config(4)" in err and "(20, 12, 256, 6, 128)" in err

@@ -55,13 +55,15 @@ def installed_mismatch(deep_ep: Any) -> str | None:
     Config.get_nvl_buffer_size_hint, or None. Config's fields are not readable from Python, so the getters
     are called with their module's Config swapped for a recorder of the constructor arguments."""
     getters = {"dispatch": deep_ep.Buffer.get_dispatch_config, "combine": deep_ep.Buffer.get_combine_config}
-    scope = getters["dispatch"].__globals__
-    real_config = scope["Config"]
-    try:
-        scope["Config"] = lambda *args: args
-        tables = {op: {r: get(r) for r in SUPPORTED_RANKS} for op, get in getters.items()}
-    finally:
-        scope["Config"] = real_config
+    tables = {}
+    for op, get in getters.items():
+        scope = get.__globals__
+        real_config = scope["Config"]
+        try:
+            scope["Config"] = lambda *args: args
+            tables[op] = {r: get(r) for r in SUPPORTED_RANKS}
+        finally:
+            scope["Config"] = real_config
     num_sms = deep_ep.Buffer.num_sms
     for op, by_ranks in tables.items():
         for r, args in by_ranks.items():
