@@ -31,6 +31,10 @@ a)
   timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/gpu_audit.py \
     $R/ep2_deepseekv3_full_1/RESULTS_EP2.json > "$OUT/audit.txt" 2>&1
   echo "=== audit rc=$?" | tee -a "$OUT/summary.txt"; grep -v '^\[rank\|^W1\|^\*\*\*' "$OUT/audit.txt" | tail -12 | tee -a "$OUT/summary.txt"
+  for r in $R/ep2_deepseekv3_full_1; do  # where a layer forward's time goes, by kernel
+    timeout 180 python3 -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/gpu_layer_profile.py \
+      $r/RESULTS_EP2.json 2>&1 | grep -v 'UserWarning\|_warn_once\|^W1\|^\*\*\*\|OMP' > "$OUT/profile.txt"
+  done
   ;;
 b)
   run ep2_qwen3-30b-a3b_full 300 full --model qwen3-30b-a3b --layer-check
