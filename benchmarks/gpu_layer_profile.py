@@ -60,7 +60,7 @@ def main() -> None:
             by[cat] += t
         if rank == 0:
             print(f"{name} {d}/{c}: kernel ms per forward " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(by.items()))
-                  + f"; top: " + "; ".join(f"{e.key[:60]} {e.device_time_total / 5 / 1e3:.3f}"
+                  + "; top: " + "; ".join(f"{e.key[:60]} {e.device_time_total / 5 / 1e3:.3f}"
                                            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]),
                   flush=True)
     dist.barrier()

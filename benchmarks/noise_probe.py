@@ -4,7 +4,6 @@ torchrun --standalone --nproc_per_node 2 benchmarks/noise_probe.py"""
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -15,7 +14,7 @@ from deepep_tune.workload import Workload  # noqa: E402
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 sms = int(os.environ.get("SMS", "64"))
-b = DeepEPBackend(Workload(), rank, world, int(os.environ["LOCAL_RANK"]), dist.group.WORLD, 2 << 30, True)
+b = DeepEPBackend(Workload(), rank, world, int(os.environ["LOCAL_RANK"]), dist.group.WORLD, 2 << 30, "forward")
 for variant in ("flush", "noflush"):
     if variant == "noflush":
         b.flush = lambda: None
@@ -24,7 +23,7 @@ for variant in ("flush", "noflush"):
         for rep in range(3):
             r = b.measure(op, cfg, 2, 30)
             allr = [None] * world
-            dist.all_gather_object(allr, r.samples_us)
+            dist.all_gather_object(allr, r.parts[op])
             if rank == 0:
                 per_iter_max = [max(x[i] for x in allr) for i in range(len(allr[0]))]
                 print(variant, op, cfg, rep, "err", r.error)

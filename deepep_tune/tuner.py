@@ -30,7 +30,7 @@ from .render import summary
 from .results import SizeOutcome, build_results, results_name, write_json_atomic
 from .routing import traffic
 from .search import (Baseline, SearchError, SmsRow, baseline_configs, choose_overall, make_baselines,
-                     measure_baselines, per_sms_table, retime, search_and_baselines, sm_advice)
+                     measure_baselines, retime, search_and_baselines, sm_advice)
 from .space import OPS, Space, TuneConfig, align, build_space, int32_overflow, mode_axes, nvl_bytes, space_from_points
 from .workload import Workload
 

@@ -7,12 +7,11 @@ import glob
 import json
 import os
 import random
-import shutil
 
 import pytest
 import torch
 
-from _helpers import BACKWARD_PART, brute_force_optimum, grid_points, read_jsonl, run_launch, write_landscape
+from _helpers import BACKWARD_PART, brute_force_optimum, grid_points, run_launch, write_landscape
 from deepep_tune.backends.replay import ReplayBackend
 from deepep_tune.space import config_error as config_ctor_error
 from deepep_tune.logio import read_log
