@@ -5,14 +5,9 @@
 
 or ./run.sh 4 quick (validates flags first and relaunches after a crashed config)."""
 
-import signal
 import sys
 
-# Before torch starts any thread: SIGINT/SIGTERM stay blocked in every thread but the one that waits for
-# them (deepep_tune/interrupts.py), which can then act even while the main thread sits in a CUDA call.
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-
-from deepep_tune.tuner import main  # noqa: E402
+from deepep_tune.tune.rank import main
 
 if __name__ == "__main__":
     sys.exit(main())

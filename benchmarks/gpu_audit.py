@@ -29,10 +29,11 @@ FAKE_DEEP_EP = os.path.join(ROOT, "tests", "fake_deep_ep")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from deepep_tune.apply import acquire_recorder, apply, load_results, release_recorder, unapply  # noqa: E402
-from deepep_tune.audit import IN_EFFECT, NOT_IN_EFFECT, Verdict, audit  # noqa: E402
-
-from deepep_tune.space import DEEPEP_DEFAULT_NUM_SMS as DEEPEP_NUM_SMS, DEEPEP_DEFAULTS  # noqa: E402
+from deepep_tune.deepep.config import DEEPEP_DEFAULT_NUM_SMS as DEEPEP_NUM_SMS  # noqa: E402
+from deepep_tune.deepep.config import DEEPEP_DEFAULTS
+from deepep_tune.record.results import load_results  # noqa: E402
+from deepep_tune.runtime.apply import acquire_recorder, apply, release_recorder, unapply  # noqa: E402
+from deepep_tune.runtime.audit import IN_EFFECT, NOT_IN_EFFECT, Verdict, audit  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # Framework code, transcribed. The names below stand for `from deep_ep import Buffer, Config` and

@@ -15,8 +15,11 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_tune.layer import LayerShape, MoELayer, layer_inputs  # noqa: E402
-from deepep_tune.space import OPS, TuneConfig, align, deepep_default, nvl_bytes  # noqa: E402
+from deepep_tune.deepep.buffer import align, nvl_bytes  # noqa: E402
+from deepep_tune.deepep.config import TuneConfig, deepep_default  # noqa: E402
+from deepep_tune.knobs import OPS  # noqa: E402
+from deepep_tune.deepep.workload import LayerShape  # noqa: E402
+from deepep_tune.tune.layer import MoELayer, layer_inputs  # noqa: E402
 
 
 def main() -> None:

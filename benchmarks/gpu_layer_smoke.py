@@ -19,10 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from deepep_tune.layer import (LayerShape, candidate_error, grouped_mm_works, has_grouped_mm,  # noqa: E402
-                               layer_check, reference_check)
-from deepep_tune.models import find_preset  # noqa: E402
-from deepep_tune.space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig, align, deepep_default, nvl_bytes  # noqa: E402
+from deepep_tune.deepep.workload import LayerShape  # noqa: E402
+from deepep_tune.tune.layer import (candidate_error, grouped_mm_works, has_grouped_mm,  # noqa: E402
+                                    layer_check, reference_check)
+from deepep_tune.deepep.models import find_preset  # noqa: E402
+from deepep_tune.deepep.config import RDMA_BUFFER, RDMA_CHUNK, TuneConfig, deepep_default  # noqa: E402
+from deepep_tune.deepep.buffer import align, nvl_bytes  # noqa: E402
 
 # bf16 layer vs a float32 reference from the same bf16 values: ~0.5 % on CPU; wrong routing is >> 2 %.
 CHECK_TOLERANCE = 0.02
@@ -70,7 +72,7 @@ def main() -> int:
         idx_t = getattr(deep_ep, "topk_idx_t", "n/a")
         device_name = torch.cuda.get_device_name(device)
     else:
-        from deepep_tune.refbuffer import ReferenceBuffer, ReferenceConfig
+        from deepep_tune.deepep.refbuffer import ReferenceBuffer, ReferenceConfig
 
         device, buffer_cls, config_cls, where, idx_t, device_name = (torch.device("cpu"), ReferenceBuffer,
                                                                     ReferenceConfig, "reference", "int64", "CPU")

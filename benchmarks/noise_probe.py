@@ -7,9 +7,9 @@ import sys
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepep_tune.backends.deepep import DeepEPBackend  # noqa: E402
-from deepep_tune.space import TuneConfig  # noqa: E402
-from deepep_tune.workload import Workload  # noqa: E402
+from deepep_tune.deepep.config import TuneConfig  # noqa: E402
+from deepep_tune.deepep.workload import Workload  # noqa: E402
+from deepep_tune.tune.backends.deepep import DeepEPBackend  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -21,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tabulate import tabulate  # noqa: E402
 
-from deepep_tune.backends.replay import ReplayBackend  # noqa: E402
-from deepep_tune.logio import LogError  # noqa: E402
-from deepep_tune.measure import MeasureSettings, Measurer  # noqa: E402
-from deepep_tune.search import per_sms_table, pick, search_and_baselines  # noqa: E402
+from deepep_tune.deepep.config import V1
+from deepep_tune.record.log import LogError  # noqa: E402
+from deepep_tune.tune.backends.replay import ReplayBackend  # noqa: E402
+from deepep_tune.tune.measure import Measurer, MeasureSettings  # noqa: E402
+from deepep_tune.tune.search import per_sms_table, pick, search_and_baselines  # noqa: E402
 
 
 def ep_size_of(path: str) -> int:
@@ -34,7 +35,7 @@ def ep_size_of(path: str) -> int:
 
 
 def run_one(path: str, objective: str, mode: str, noise: float, seed: int) -> dict:
-    backend = ReplayBackend(path, noise, seed, objective)
+    backend = ReplayBackend(path, V1, noise, seed, objective)
     space = backend.space()
     truth = {k: [backend.time_of(*k)] for k in backend.times}
     opt = pick(per_sms_table(truth, space))
@@ -59,7 +60,7 @@ def main() -> None:
     for path in a.landscapes:
         for objective in ("train", "forward"):
             try:
-                ReplayBackend(path, objective=objective)
+                ReplayBackend(path, V1, objective=objective)
             except LogError:
                 continue  # a forward-only landscape
             for mode in ("full", "quick"):

@@ -3,4 +3,4 @@ effect in a training process (`deepep_tune.apply(results)` before the framework 
 
 __version__ = "0.2.0"
 
-from .apply import apply  # noqa: E402,F401
+from .runtime.apply import apply  # noqa: E402,F401

@@ -1,3 +1,3 @@
-from .launch import main
+from .tune.launch import main
 
 raise SystemExit(main())

@@ -16,12 +16,13 @@ if ROOT not in sys.path:
 
 SUBPROCESS_TIMEOUT = 240
 
-from deepep_tune.backends.reference import REFERENCE_SMS_CAP  # noqa: E402
-from deepep_tune.space import mode_axes  # noqa: E402
+from deepep_tune.deepep.config import grid  # noqa: E402
+from deepep_tune.tune.backends.reference import REFERENCE_SMS_CAP  # noqa: E402
 
 # The grid the tuner sweeps on a small GPU (and the one the reference backend uses).
-_AXES = mode_axes("full", REFERENCE_SMS_CAP)
-SMS, DISPATCH_CHUNKS, COMBINE_CHUNKS, BUFFERS = _AXES.sms, _AXES.dispatch_chunks, _AXES.combine_chunks, _AXES.buffers
+_GRID = grid(REFERENCE_SMS_CAP)
+SMS, BUFFERS = _GRID["dispatch"]["num_sms"], _GRID["dispatch"]["nvl_buffer"]
+DISPATCH_CHUNKS, COMBINE_CHUNKS = _GRID["dispatch"]["nvl_chunk"], _GRID["combine"]["nvl_chunk"]
 
 TimeFn = Callable[[str, int, int, int], float]
 
@@ -106,8 +107,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_launch(args: list[str], env_extra: dict[str, str] | None = None, via_run_sh: bool = False):
-    """python3 -m deepep_tune.launch ARGS (or ./run.sh ARGS) from the repository root."""
-    cmd = [os.path.join(ROOT, "run.sh"), *args] if via_run_sh else [sys.executable, "-m", "deepep_tune.launch", *args]
+    """python3 -m deepep_tune ARGS (or ./run.sh ARGS) from the repository root."""
+    cmd = [os.path.join(ROOT, "run.sh"), *args] if via_run_sh else [sys.executable, "-m", "deepep_tune", *args]
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**(env_extra or {})), capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT)
 

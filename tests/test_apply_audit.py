@@ -19,13 +19,33 @@ import warnings
 import pytest
 import torch
 
-from deepep_tune.apply import (MARK, ORIGINAL, ConfigArgs, TunedConfigWarning, apply, apply_from_env, config_args,
-                               current, load_results, recorder_mode, unapply)
-from deepep_tune.audit import IN_EFFECT, NO_CALLS, NOT_IN_EFFECT, UNCONFIRMED, UNKNOWN, audit, needed_nvl_bytes, Shapes
+from deepep_tune.deepep.config import ConfigArgs
+from deepep_tune.deepep.workload import Workload
+from deepep_tune.record.results import load_results
+from deepep_tune.runtime.apply import (
+    MARK,
+    ORIGINAL,
+    TunedConfigWarning,
+    apply,
+    apply_from_env,
+    config_args,
+    current,
+    recorder_mode,
+    unapply,
+)
+from deepep_tune.runtime.audit import (
+    IN_EFFECT,
+    NO_CALLS,
+    NOT_IN_EFFECT,
+    UNCONFIRMED,
+    UNKNOWN,
+    audit,
+    needed_nvl_bytes,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_deep_ep")
-APPLY_MOD = "deepep_tune.apply"
+APPLY_MOD = "deepep_tune.runtime.apply"
 
 HIDDEN, TOPK, EXPERTS, TOKENS = 2048, 4, 16, 32
 
@@ -222,10 +242,43 @@ def test_explicit_tuned_config_in_a_default_sized_buffer_is_caught(deep_ep, grou
                          num_tokens_per_expert=layout[2], topk_idx=idx, topk_weights=w, config=tuned)
     v = a.verdict()
     assert v.status == NOT_IN_EFFECT
-    need = needed_nvl_bytes("dispatch", ConfigArgs(24, 8, 512, 6, 128), 2, Shapes(HIDDEN, 2, TOPK, 0, EXPERTS))
+    need = deepep_dispatch_nvl_bytes(24, 2, 512, HIDDEN * 2, TOPK)
+    assert needed_nvl_bytes("dispatch", ConfigArgs(24, 8, 512, 6, 128), 2, Workload(1, HIDDEN, TOPK, EXPERTS)) == need
     assert need > buf.num_nvl_bytes
     assert f"< {need / 2**20:.1f} MiB needed by the tuned dispatch (1 call)" in v.parts["buffer"]
     assert v.parts["failed"] == "dispatch x1 (1 non-cached, 0 cached) raised"
+
+
+def deepep_dispatch_nvl_bytes(num_sms, ranks, nvl_buffer, hidden_bytes, topk, num_scales=0):
+    """deep_ep.cpp intranode_dispatch's host assert, written out: C = num_sms / 2 channels, R ranks, N slots."""
+    C, R, N = num_sms // 2, ranks, nvl_buffer
+    return R * R * 4 + C * R * 4 * 4 + C * R * N * (hidden_bytes + 4 + topk * 8 + topk * 4 + 4 * num_scales)
+
+
+def deepep_combine_nvl_bytes(num_sms, ranks, nvl_buffer, hidden, topk):
+    C, R, N = num_sms // 2, ranks, nvl_buffer
+    return C * R * 8 + C * R * N * (hidden * 2 + 4 + topk * 4)
+
+
+@pytest.mark.parametrize("cfg,ranks,shapes", [
+    (ConfigArgs(24, 8, 512, 6, 128), 2, Workload(1, HIDDEN, TOPK, EXPERTS)),
+    (ConfigArgs(20, 6, 256, 6, 128), 8, Workload(1, 7168, 8, 256)),
+    (ConfigArgs(64, 16, 128, 6, 128), 4, Workload(1, 4096, 6, 128)),
+])
+def test_needed_nvl_bytes_is_deepeps_formula(cfg, ranks, shapes):
+    """Expected values from DeepEP's host asserts (written out above), not from deepep_tune."""
+    assert needed_nvl_bytes("dispatch", cfg, ranks, shapes) == deepep_dispatch_nvl_bytes(
+        cfg.num_sms, ranks, cfg.nvl_buffer, shapes.hidden * 2, shapes.num_topk)
+    assert needed_nvl_bytes("combine", cfg, ranks, shapes) == deepep_combine_nvl_bytes(
+        cfg.num_sms, ranks, cfg.nvl_buffer, shapes.hidden, shapes.num_topk)
+
+
+def test_needed_nvl_bytes_by_hand():
+    """2 ranks, 24 SMs (12 channels), N = 512, hidden 2048 bf16, top-4: dispatch 12 * 2 * 512 * (4096 + 4 + 32 + 16)
+    + 2 * 2 * 4 + 12 * 2 * 16 bytes; combine 12 * 2 * 8 + 12 * 2 * 512 * (4096 + 4 + 16)."""
+    cfg, shapes = ConfigArgs(24, 8, 512, 6, 128), Workload(1, HIDDEN, TOPK, EXPERTS)
+    assert needed_nvl_bytes("dispatch", cfg, 2, shapes) == 50_971_024
+    assert needed_nvl_bytes("combine", cfg, 2, shapes) == 50_577_600
 
 
 def test_explicit_configs_passed_by_the_framework_count(deep_ep, group):
@@ -241,6 +294,24 @@ def test_explicit_configs_passed_by_the_framework_count(deep_ep, group):
         buf.combine(recv, handle, config=c)
     assert a.verdict().status == IN_EFFECT
     assert {r.source for r in a.records} == {"explicit"}
+
+
+def test_only_num_sms_differs_is_not_in_effect(deep_ep, group):
+    """The tuned chunk and buffer of both ops, in a big enough buffer, but at 20 SMs instead of the tuned 24."""
+    results = make_results(num_sms=24)
+    x, idx, w = tokens()
+    with audit(results, quiet=True) as a:
+        d, c = deep_ep.Config(20, 8, 256, 6, 128), deep_ep.Config(20, 4, 256, 6, 128)
+        buf = deep_ep.Buffer(group, 64 << 20)
+        layout = buf.get_dispatch_layout(idx, EXPERTS)
+        recv, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                                                num_tokens_per_expert=layout[2], topk_idx=idx, topk_weights=w, config=d)
+        buf.combine(recv, handle, config=c)
+    v = a.verdict()
+    assert v.status == NOT_IN_EFFECT, v.line
+    assert v.parts == {"num_sms": "num_sms 20 instead of 24 in dispatch x1 (1 non-cached, 0 cached), combine x1"}
+    assert v.line == ("deepep-tune audit: tuned config NOT in effect for ep2: "
+                      "num_sms 20 instead of 24 in dispatch x1 (1 non-cached, 0 cached), combine x1")
 
 
 def test_dispatch_only_is_unconfirmed(deep_ep, group):
@@ -331,9 +402,9 @@ def test_a_second_copy_of_apply_does_not_stack(deep_ep, monkeypatch):
     """As after a module reload: the installed getters are recognised by their mark, not by module state."""
     raw = deep_ep.Buffer.__dict__["get_dispatch_config"]
     real_config = deep_ep.Config
-    spec = importlib.util.spec_from_file_location("deepep_tune._apply_copy", sys.modules[APPLY_MOD].__file__)
+    spec = importlib.util.spec_from_file_location("deepep_tune.runtime._apply_copy", sys.modules[APPLY_MOD].__file__)
     copy = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "deepep_tune._apply_copy", copy)  # dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "deepep_tune.runtime._apply_copy", copy)  # dataclasses look their module up
     spec.loader.exec_module(copy)
     apply(make_results())
     try:

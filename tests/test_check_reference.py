@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from _helpers import ROOT, SUBPROCESS_TIMEOUT, subprocess_env
-from deepep_tune.check import check_combine, check_dispatch
-from deepep_tune.routing import expected_for_rank, make_routing, token_values
-from deepep_tune.workload import Workload
+
+from deepep_tune.deepep.check import check_combine, check_dispatch
+from deepep_tune.deepep.routing import expected_for_rank, make_routing, token_values
+from deepep_tune.deepep.workload import Workload
 
 W = Workload(num_tokens=64, hidden=256, num_topk=4, num_experts=16, seed=3)
 R = 4

@@ -3,14 +3,22 @@
 import os
 
 import pytest
+from _helpers import run_launch
 
-from _helpers import ROOT, run_launch
-from deepep_tune.launch import torchrun_cmd
-from deepep_tune.options import (Options, OptionsError, build_parser, drop_options, options_error, options_from_args,
-                                 rerun_command)
-from deepep_tune.workload import Workload
-from deepep_tune.space import build_space, mode_axes
-from deepep_tune.backends.reference import REFERENCE_SMS_CAP
+from deepep_tune.deepep.config import V1
+from deepep_tune.deepep.workload import Workload
+from deepep_tune.tune.backends.reference import REFERENCE_SMS_CAP
+from deepep_tune.tune.launch import torchrun_cmd
+from deepep_tune.tune.options import (
+    SECTIONS,
+    Options,
+    OptionsError,
+    build_parser,
+    drop_options,
+    options_error,
+    options_from_args,
+    rerun_command,
+)
 
 
 def _assert_refused(p, out_dir, *words):
@@ -132,7 +140,7 @@ def test_resume_of_finished_run_is_refused_up_front(tmp_path):
     log = out / "logs" / "tune_ep2_done.jsonl"
     log.parent.mkdir(parents=True)
     header = {"event": "header", "ep_size": 2, "mode": "quick", "backend": "reference",
-              "workload": o.workload.as_dict(), "token_counts": list(o.token_counts)}
+              "workload": o.shape.as_dict(), "token_counts": list(o.workload.num_tokens)}
     log.write_text(json.dumps(header) + "\n" + json.dumps({"event": "done", "t": 0}) + "\n")
     before = log.read_text()
     p = run_launch(["2", "quick", *flags, "--resume", str(log), "--out-dir", str(out)])
@@ -147,7 +155,7 @@ def test_resume_of_finished_run_is_refused_up_front(tmp_path):
 def _opts(**kw):
     base = dict(backend="reference", num_tokens=(64,), hidden=256, num_topk=4, num_experts=16)
     base.update(kw)
-    return Options(**base)
+    return Options.of(**base)
 
 
 def test_options_ok():
@@ -195,11 +203,12 @@ def test_options_from_args_roundtrip():
                                    "--hidden", "512", "--num-topk", "2", "--num-experts", "8", "--max-sms", "20",
                                    "--iters", "4", "--warmup", "0", "--seed", "9", "--dispatch-dtype", "fp8"])
     o = options_from_args(a)
-    assert (o.mode, o.backend, o.replay, o.max_sms, o.iters, o.warmup) == ("full", "replay", "x.jsonl", 20, 4, 0)
-    assert o.workload == Workload(7, 512, 2, 8, "fp8", 9)
-    assert o.objective == "train"  # what a training step runs is the default
-    assert options_from_args(build_parser().parse_args([])).resume is None
-    assert options_from_args(build_parser().parse_args(["--resume"])).resume == ""
+    assert (o.search.mode, o.search.backend, o.measurement.replay, o.search.max_sms, o.measurement.iters,
+            o.measurement.warmup) == ("full", "replay", "x.jsonl", 20, 4, 0)
+    assert o.shape == Workload(7, 512, 2, 8, "fp8", 9)
+    assert o.search.objective == "train"  # what a training step runs is the default
+    assert options_from_args(build_parser().parse_args([])).outputs.resume is None
+    assert options_from_args(build_parser().parse_args(["--resume"])).outputs.resume == ""
 
 
 # An --max-sms the options accept must leave something to search (the reference backend sweeps the grid
@@ -208,10 +217,9 @@ def test_options_from_args_roundtrip():
 def test_accepted_max_sms_leaves_a_nonempty_space(max_sms):
     assert options_error(_opts(max_sms=max_sms), 2) is None
     cap = min(max_sms, REFERENCE_SMS_CAP)
-    for mode in ("quick", "full"):
-        space, _ = build_space(mode_axes(mode, cap), lambda op, c: True)
-        assert space.size() > 0
-        assert space.sms_values() and max(space.sms_values()) <= max_sms
+    space, _ = V1.build(cap, lambda op, c: True)
+    assert space.size() > 0
+    assert space.sms_values() and max(space.sms_values()) <= max_sms
 
 
 # --- launcher helpers -----------------------------------------------------------------------------------------
@@ -245,10 +253,13 @@ def test_every_option_has_one_flag_and_its_default():
     import dataclasses
     p = build_parser()
     defaults = vars(p.parse_args([]))
-    for f in dataclasses.fields(Options):
-        assert f.name in defaults
-        assert defaults[f.name] == f.default or (f.name == "num_tokens" and defaults[f.name] == f.default)
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert defaults[f"{section}.{f.name}"] == f.default
     assert options_from_args(p.parse_args([])) == Options()
+    # every flag of the sectioned options, by the name a user types
+    flags = {a.option_strings[0] for a in p._actions if a.option_strings}
+    assert {"--mode", "--num-tokens", "--iters", "--layer-check", "--out-dir", "--library"} <= flags
 
 
 def test_torchrun_cmd():
@@ -256,7 +267,7 @@ def test_torchrun_cmd():
     assert "--standalone" in cmd
     i = cmd.index("--nproc_per_node")
     assert cmd[i + 1] == "4"
-    assert cmd[i + 2] == os.path.join(ROOT, "tune_singlenode.py")
+    assert cmd[i + 2:i + 4] == ["-m", "deepep_tune.tune.rank"]
     assert cmd[-2:] == ["--mode", "quick"]
 
 
@@ -271,13 +282,13 @@ PUBLIC_SHAPES = {  # (hidden_size, experts per token, routed experts) from each 
 @pytest.mark.parametrize("name", list(PUBLIC_SHAPES))
 def test_model_presets(name):
     o = options_from_args(build_parser().parse_args(["--backend", "reference", "--model", name.upper()]))
-    w = o.workload
+    w = o.shape
     assert (w.hidden, w.num_topk, w.num_experts) == PUBLIC_SHAPES[name]
     for ranks in (2, 4, 8):
         assert options_error(o, ranks) is None
     # explicit flags override the preset
     o = options_from_args(build_parser().parse_args(["--model", name, "--hidden", "1024", "--num-topk", "1"]))
-    assert (o.workload.hidden, o.workload.num_topk, o.workload.num_experts) == (1024, 1, PUBLIC_SHAPES[name][2])
+    assert (o.shape.hidden, o.shape.num_topk, o.shape.num_experts) == (1024, 1, PUBLIC_SHAPES[name][2])
 
 
 def test_unknown_model_is_options_error():
@@ -287,7 +298,7 @@ def test_unknown_model_is_options_error():
 
 def test_several_token_counts():
     o = options_from_args(build_parser().parse_args(["--backend", "reference", "--num-tokens", "128,64,4096"]))
-    assert o.token_counts == (128, 64, 4096) and o.workload.num_tokens == 128
+    assert o.workload.num_tokens == (128, 64, 4096) and o.shape.num_tokens == 128
     assert options_error(o, 2) is None
     for bad in ("", ",", "64,64", "x", "1.5"):
         with pytest.raises(OptionsError):

@@ -13,8 +13,15 @@ import sys
 import time
 
 import pytest
-
-from _helpers import ROOT, brute_force_optimum, grid_points, read_jsonl, run_launch, subprocess_env, write_landscape
+from _helpers import (
+    ROOT,
+    brute_force_optimum,
+    grid_points,
+    read_jsonl,
+    run_launch,
+    subprocess_env,
+    write_landscape,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +99,7 @@ def _rank_pids(run_id):
             env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"tune_singlenode.py" in b" ".join(cmd) and run_id.encode() in cmd and not any(b"torch" in c and b"run" in c for c in cmd[:3]):
+        if (b"tune_singlenode.py" in b" ".join(cmd) or b"deepep_tune.tune.rank" in cmd) and run_id.encode() in cmd and not any(b"torch" in c and b"run" in c for c in cmd[:3]):
             rank = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")), None)
             if rank is not None:
                 pids[int(rank)] = int(d)

@@ -10,13 +10,12 @@ import sys
 import time
 
 import pytest
-
 from _helpers import ROOT
 
 CHILD = r"""
 import ctypes, signal, sys, threading, time
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})   # as tune_singlenode.py does
-from deepep_tune import interrupts
+from deepep_tune.tune import interrupts
 interrupts.install_signal_handlers(rank=0)
 if sys.argv[1] == "foreign-thread":
     # a library thread with its own mask (CUDA's, on the GPU): the kernel may deliver the signal there, and

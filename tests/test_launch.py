@@ -3,8 +3,8 @@ the GPU-busy marker, the launcher's own interrupt flag and the relaunch history:
 
 import pytest
 
-from deepep_tune.launch import STARTUP_WAITS, History, decide
-from deepep_tune.logio import LogContents
+from deepep_tune.record.log import LogContents
+from deepep_tune.tune.launch import STARTUP_WAITS, History, decide
 
 HINT = "./run.sh 2 full --resume logs/x.jsonl"
 

@@ -8,11 +8,20 @@ import sys
 
 import pytest
 import torch
-
 from _helpers import ROOT, SUBPROCESS_TIMEOUT, subprocess_env
-from deepep_tune.layer import (GROUP_ALIGN, LayerShape, MoELayer, candidate_error, dense_ffn, full_weights,
-                               reduce_rounds, round_order, shape_error)
-from deepep_tune.space import TuneConfig
+
+from deepep_tune.deepep.config import TuneConfig
+from deepep_tune.deepep.workload import LayerShape
+from deepep_tune.deepep.workload import layer_shape_error as shape_error
+from deepep_tune.tune.layer import (
+    GROUP_ALIGN,
+    MoELayer,
+    candidate_error,
+    dense_ffn,
+    full_weights,
+    reduce_rounds,
+    round_order,
+)
 
 SHAPE = LayerShape(num_tokens=16, hidden=32, num_topk=2, num_experts=8, moe_intermediate=16)
 
@@ -147,6 +156,19 @@ def test_layer_check_interleaves_candidates(reports):
     want = checks + units + [u for r in range(4) for u in round_order(units, r)]
     for rep in reports:
         assert rep["timing"]["dispatch_log"] == want
+
+
+@pytest.mark.slow
+def test_layer_check_times_the_backward(reports):
+    """Every timed forward + backward unit (sequential, overlap) runs the backward: the forward combine's gradient
+    is a cached dispatch with the candidate's dispatch config. forward_only runs none, nor do the untimed checks."""
+    ship, pick, other = [20, 24, 256], [8, 4, 64], [12, 6, 128]
+    units = [(sched, cfg) for sched in ("sequential", "overlap", "forward_only") for cfg in (ship, pick, other)]
+    steps = units + [u for r in range(4) for u in round_order(units, r)]  # warmup, then the rotated rounds
+    want = [cfg for sched, cfg in steps if sched != "forward_only"]
+    assert len(want) == 6 * 5
+    for rep in reports:
+        assert rep["timing"]["cached_dispatch_log"] == want
 
 
 @pytest.mark.slow

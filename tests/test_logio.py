@@ -5,12 +5,19 @@ import json
 import os
 
 import pytest
-
 from _helpers import ROOT  # noqa: F401
-from deepep_tune.logio import (LogError, LogWriter, log_path, new_run_id, newest_unfinished, read_landscape,
-                               read_log)
-from deepep_tune.measure import MeasureSettings, Measurer
-from deepep_tune.space import TuneConfig
+
+from deepep_tune.deepep.config import V1, TuneConfig
+from deepep_tune.record.log import (
+    LogError,
+    LogWriter,
+    log_path,
+    new_run_id,
+    newest_unfinished,
+    read_landscape,
+    read_log,
+)
+from deepep_tune.tune.measure import Measurer, MeasureSettings
 
 HEADER = {"event": "header", "tool_version": "t", "ep_size": 4, "mode": "quick", "backend": "reference"}
 
@@ -85,7 +92,7 @@ def test_read_log_complete(tmp_path):
     log = read_log(str(p))
     assert log.header == HEADER
     assert log.measurements == [meas(1), meas(2, op="combine", c=1)]
-    assert log.finished and log.dangling == [] and log.truncated_line is None and log.resumes == 0
+    assert log.finished and log.dangling == [] and log.truncated_line is None
 
 
 def test_read_log_tolerates_truncated_last_line(tmp_path):
@@ -155,21 +162,21 @@ def test_read_log_resume_settles_dangling(tmp_path):
     write_lines(p, [HEADER, start(1), meas(1), start(2, s=16, c=6, b=256), crashed,
                     {"event": "resume", "t": 0, "kept_measurements": 1, "crashed": 1}, start(3), meas(3)])
     log = read_log(str(p))
-    assert log.dangling == [] and log.resumes == 1
+    assert log.dangling == [] and not log.interrupted
     assert [m["seq"] for m in log.measurements] == [1, 2, 3]
     assert log.measurements[1]["status"] == "crashed"
 
 
 def test_only_measurements_have_top_level_op(tmp_path):
     """A log written through the Measurer: start events nest their op; measurement lines carry it."""
-    from deepep_tune.backends.replay import ReplayBackend
+    from deepep_tune.tune.backends.replay import ReplayBackend
     land = tmp_path / "land.jsonl"
     write_lines(land, [{"op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 5.0},
                        {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": 6.0}])
     p = tmp_path / "logs" / "tune_ep2_t.jsonl"
     w = LogWriter(str(p), create=True)
     w.write(HEADER)
-    m = Measurer(ReplayBackend(str(land), objective="forward"), MeasureSettings(0, 2), 0, w)
+    m = Measurer(ReplayBackend(str(land), V1, objective="forward"), MeasureSettings(0, 2), 0, w)
     m.time("dispatch", TuneConfig(8, 4, 128))
     m.time("combine", TuneConfig(8, 1, 128))
     m.remeasure("combine", TuneConfig(8, 1, 128))
@@ -222,7 +229,7 @@ def test_read_landscape_plain_first_record_wins(tmp_path):
             {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": 6},
             {"op": "dispatch", "num_sms": 8, "nvl_chunk": 4, "nvl_buffer": 128, "time_us": 99.0}]
     write_lines(p, recs, tail="\n")  # a trailing blank line is fine
-    got = read_landscape(str(p))
+    got = read_landscape(str(p), V1)
     assert len(got) == 2
     by = {(r["op"], r["num_sms"], r["nvl_chunk"], r["nvl_buffer"]): r["time_us"] for r in got}
     assert by == {("dispatch", 8, 4, 128): 5.0, ("combine", 8, 1, 128): 6}
@@ -232,7 +239,7 @@ def test_read_landscape_from_tool_log(tmp_path):
     p = tmp_path / "l.jsonl"
     write_lines(p, [HEADER, start(1), meas(1, t=10.0), start(2, op="combine", c=1), meas(2, op="combine", c=1, t=4.0),
                     meas(3, t=12.0), {"event": "done", "t": 0}])
-    got = read_landscape(str(p))
+    got = read_landscape(str(p), V1)
     assert [(r["op"], r["time_us"]) for r in got] == [("dispatch", 10.0), ("combine", 4.0)]
     assert all("event" not in r for r in got)
 
@@ -252,7 +259,7 @@ def test_read_landscape_bad_line(tmp_path, bad, why):
     good = json.dumps({"op": "dispatch", "num_sms": 8, "nvl_chunk": 2, "nvl_buffer": 128, "time_us": 5.0})
     p.write_text(good + "\n" + bad + "\n" + good + "\n")
     with pytest.raises(LogError) as e:
-        read_landscape(str(p))
+        read_landscape(str(p), V1)
     msg = str(e.value)
     assert f"{p}:2" in msg  # says which line
     assert why in msg
@@ -262,20 +269,20 @@ def test_read_landscape_empty(tmp_path):
     p = tmp_path / "empty.jsonl"
     p.write_text("")
     with pytest.raises(LogError):
-        read_landscape(str(p))
+        read_landscape(str(p), V1)
     p.write_text("\n\n")
     with pytest.raises(LogError):
-        read_landscape(str(p))
+        read_landscape(str(p), V1)
     header_only = tmp_path / "h.jsonl"
     write_lines(header_only, [HEADER])
     with pytest.raises(LogError):
-        read_landscape(str(header_only))
+        read_landscape(str(header_only), V1)
 
 
 # --- cut-off lines and later appends ------------------------------------------------------------------------
 
 def test_drop_partial_line(tmp_path):
-    from deepep_tune.logio import drop_partial_line
+    from deepep_tune.record.log import drop_partial_line
     p = tmp_path / "l.jsonl"
     write_lines(p, [HEADER, meas(1)], tail=json.dumps(meas(2))[:30])
     drop_partial_line(str(p))
@@ -290,10 +297,10 @@ def test_drop_partial_line(tmp_path):
 
 
 def test_launcher_note_after_cut_off_line_keeps_log_readable(tmp_path):
-    from deepep_tune.launch import note_interrupted
+    from deepep_tune.tune.interrupts import mark_interrupted
     p = tmp_path / "logs" / "tune_ep2_x.jsonl"
     write_lines(p, [HEADER, start(1), meas(1), start(2)], tail=json.dumps(meas(2))[:30])  # a rank killed mid-write
-    note_interrupted(str(p))
+    mark_interrupted(str(p), ranks_gone=True)
     log = read_log(str(p))
     assert log.measurements == [meas(1)]
     assert log.dangling == []  # the interrupted note settles the config in flight

@@ -4,14 +4,14 @@ import json
 import math
 
 import pytest
-
 from _helpers import write_landscape
-from deepep_tune.backends.base import Backend, LocalResult
-from deepep_tune.backends.replay import ReplayBackend
-from deepep_tune.bench import bench, reduce_samples
-from deepep_tune.logio import LogWriter, read_log
-from deepep_tune.measure import ContextLost, MeasureSettings, Measurer
-from deepep_tune.space import TuneConfig
+
+from deepep_tune.deepep.config import V1, TuneConfig
+from deepep_tune.record.log import LogWriter, read_log
+from deepep_tune.tune.backends.base import Backend, LocalResult
+from deepep_tune.tune.backends.replay import ReplayBackend
+from deepep_tune.tune.measure import ContextLost, Measurer, MeasureSettings
+from deepep_tune.tune.timing import bench, reduce_samples
 
 PTS = [("dispatch", 8, 4, 128), ("dispatch", 8, 6, 128), ("combine", 8, 1, 128), ("combine", 8, 2, 128)]
 
@@ -53,7 +53,7 @@ def test_bench_runs_warmup_and_iters_outside_timing():
 
 def test_time_is_cached_remeasure_adds(land):
     p, truth = land
-    b = ReplayBackend(str(p))
+    b = ReplayBackend(str(p), V1)
     m = Measurer(b, MeasureSettings(warmup=0, iters=2, remeasure_factor=3), rank=0, log=None)
     cfg = TuneConfig(8, 4, 128)
     assert m.time("dispatch", cfg) == 40.0
@@ -74,7 +74,7 @@ def test_prior_records_are_reused_in_order(land, tmp_path):
         {"op": "combine", "num_sms": 8, "nvl_chunk": 1, "nvl_buffer": 128, "time_us": None, "status": "crashed",
          "seq": 8},
     ]
-    b = ReplayBackend(str(p))
+    b = ReplayBackend(str(p), V1)
     log = tmp_path / "logs" / "x.jsonl"
     w = LogWriter(str(log), create=True)
     w.write({"event": "header"})
@@ -95,7 +95,7 @@ def test_prior_records_are_reused_in_order(land, tmp_path):
 
 def test_failure_status_and_error_text(land):
     p, _ = land
-    m = Measurer(ReplayBackend(str(p)), MeasureSettings(0, 1), rank=0, log=None)
+    m = Measurer(ReplayBackend(str(p), V1), MeasureSettings(0, 1), rank=0, log=None)
     assert m.time("dispatch", TuneConfig(16, 4, 128)) == math.inf
     r = m.records[-1]
     assert r["status"] == "error" and "KeyError" in r["error"] and r["time_us"] is None

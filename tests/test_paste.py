@@ -9,20 +9,24 @@ import json
 import os
 import re
 import sys
-import tomllib
 import types
 import warnings
 
 import pytest
+import tomllib
 import torch
-
-from deepep_tune.apply import unapply
-from deepep_tune.paste import buffer_notes, paste_targets, sglang_config
-from deepep_tune.space import TuneConfig
-from deepep_tune.workload import Workload
-
-from consumers import sglang_deepep, torchtitan_fork_class_attrs, torchtitan_fork_deepep_section, torchtitan_v1
+from consumers import (
+    sglang_deepep,
+    torchtitan_fork_class_attrs,
+    torchtitan_fork_deepep_section,
+    torchtitan_v1,
+)
 from consumers._tensors import routed
+
+from deepep_tune.deepep.config import TuneConfig
+from deepep_tune.deepep.workload import Workload
+from deepep_tune.report.paste import buffer_notes, paste_targets, sglang_config
+from deepep_tune.runtime.apply import unapply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = os.path.join(ROOT, "tests", "fake_deep_ep")
@@ -147,6 +151,25 @@ def test_fork_class_attrs_text_sets_only_num_sms_and_default_chunks_run(deep_ep,
     # Without apply: num_sms from turbo_deepep_num_cus, (chunk, buffer) from DeepEP's EP2 table.
     assert ran(deep_ep.log) == {"dispatch": {(64, *EP2_DEFAULT_DISPATCH)}, "combine": {(64, *EP2_DEFAULT_COMBINE)}}
     assert "Config(64, 24, 256, 6, 128) and combine runs Config(64, 10, 256, 6, 128)" in text
+
+
+def test_fork_class_attrs_text_names_deepeps_defaults_not_a_tuned_dispatch_that_differs(deep_ep, group, tmp_path):
+    """Tuned dispatch (12, 512) is not DeepEP's EP2 default (24, 256): the text must say the default runs."""
+    d = TuneConfig(64, 12, 512)
+    path = tmp_path / "RESULTS_EP2.json"
+    path.write_text(json.dumps({"ep_size": EP, "normal_dispatch": section(64, 12, 512),
+                                "normal_combine": section(64, 11, 128), "backend": "deepep"}))
+    text = paste_targets(d, C, EP, W, str(path))["torchtitan_fork_class_attrs"]
+    values = run_python([l for l in code_lines(text) if re.match(r"^\w+ = ", l)])
+    cls = type("Dispatcher", (torchtitan_fork_class_attrs.DeepEPTokenDispatcher,), {})
+    cls.turbo_deepep_num_cus = values["turbo_deepep_num_cus"]
+    dispatcher = cls(moe_router_topk=W.num_topk, num_moe_experts=W.num_experts)
+    x, idx, wts = inputs()
+    torchtitan_fork_class_attrs.train_step(dispatcher, group, x, idx, wts)
+    assert ran(deep_ep.log) == {"dispatch": {(64, *EP2_DEFAULT_DISPATCH)}, "combine": {(64, *EP2_DEFAULT_COMBINE)}}
+    claim = [l for l in text.splitlines() if l.startswith("# With only the line above")]
+    assert claim == ["# With only the line above, ep2 dispatch runs Config(64, 24, 256, 6, 128) and combine runs "
+                     "Config(64, 10, 256, 6, 128): DeepEP's default chunk and buffer, not the tuned ones."]
 
 
 def test_fork_class_attrs_text_with_apply_runs_the_tuned_configs(deep_ep, group, results_path):

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from _helpers import ROOT, SUBPROCESS_TIMEOUT, subprocess_env
-from deepep_tune.refbuffer import ReferenceBuffer, ReferenceConfig
-from deepep_tune.space import config_error
+
+from deepep_tune.deepep.config import config_error
+from deepep_tune.deepep.refbuffer import ReferenceBuffer, ReferenceConfig
 
 
 # --- ReferenceConfig: the single validity rule ---------------------------------------------------------------

@@ -5,17 +5,30 @@ import math
 import random
 
 import pytest
+from _helpers import (
+    bowl,
+    brute_force_optimum,
+    grid_points,
+    write_landscape,
+)
 
-from _helpers import (BUFFERS, COMBINE_CHUNKS, DISPATCH_CHUNKS, SMS, bowl, brute_force_optimum, grid_points,
-                      write_landscape)
-from deepep_tune.backends.replay import ReplayBackend
-from deepep_tune.measure import MeasureSettings, Measurer
-from deepep_tune.search import SmsRow, full_search, per_sms_table, pick, quick_search, refine, search_and_baselines
-from deepep_tune.space import Space, TuneConfig
+from deepep_tune.deepep.config import V1, TuneConfig
+from deepep_tune.knobs import Space
+from deepep_tune.tune.backends.replay import ReplayBackend
+from deepep_tune.tune.measure import Measurer, MeasureSettings
+from deepep_tune.tune.search import (
+    SmsRow,
+    full_search,
+    per_sms_table,
+    pick,
+    quick_search,
+    refine,
+    search_and_baselines,
+)
 
 
 def _oracle(path, noise=0.0, seed=0):
-    backend = ReplayBackend(str(path), noise, seed)
+    backend = ReplayBackend(str(path), V1, noise, seed)
     return backend, Measurer(backend, MeasureSettings(warmup=0, iters=1), rank=0, log=None)
 
 
@@ -51,7 +64,7 @@ COUPLED = {
 
 
 def _coupled_space():
-    return Space(tuple(TuneConfig(*k[1:]) for k in COUPLED if k[0] == "dispatch"),
+    return Space(V1, tuple(TuneConfig(*k[1:]) for k in COUPLED if k[0] == "dispatch"),
                  tuple(TuneConfig(*k[1:]) for k in COUPLED if k[0] == "combine"))
 
 
@@ -104,7 +117,7 @@ def test_per_sms_table_ignores_failed_out_of_space_and_one_sided():
     obs[("dispatch", TuneConfig(16, 8, 128))] = [1.0]
     # a num_sms with only dispatch measured has no row
     obs[("dispatch", TuneConfig(32, 4, 128))] = [1.0]
-    space = Space(_coupled_space().dispatch + (TuneConfig(32, 4, 128),), _coupled_space().combine)
+    space = Space(V1, _coupled_space().dispatch + (TuneConfig(32, 4, 128),), _coupled_space().combine)
     rows = per_sms_table(obs, space)
     by = {r.num_sms: r for r in rows}
     assert 32 not in by
@@ -373,7 +386,7 @@ def _rows(totals):
     (0.3, 12, 8),       # budget 12: fastest allowed is 8
 ])
 def test_sm_advice(tol, max_sms, expect):
-    from deepep_tune.search import sm_advice
+    from deepep_tune.tune.search import sm_advice
     rows = _rows({8: 130.0, 16: 104.0, 24: 100.0, 32: 101.0})
     adv = sm_advice(rows, tol, max_sms)
     assert adv.num_sms == expect
@@ -382,14 +395,14 @@ def test_sm_advice(tol, max_sms, expect):
 
 
 def test_sm_advice_never_suggests_more_sms():
-    from deepep_tune.search import sm_advice
+    from deepep_tune.tune.search import sm_advice
     rows = _rows({8: 100.0, 16: 100.5, 24: 99.0})
     assert sm_advice(rows, 0.05).num_sms == 8
     assert sm_advice([], 0.05) is None
 
 
 def test_choose_overall_minimises_mean_relative_loss():
-    from deepep_tune.search import choose_overall
+    from deepep_tune.tune.search import choose_overall
     a = (TuneConfig(8, 2, 128), TuneConfig(8, 1, 128))
     b = (TuneConfig(20, 4, 256), TuneConfig(20, 2, 256))
     c = (TuneConfig(16, 4, 256), TuneConfig(16, 2, 256))

@@ -3,17 +3,32 @@ view limit, and the run's space and buffer sizing. Expected values are written o
 (v1.2.1: csrc/config.hpp, csrc/deep_ep.cpp, csrc/kernels/intranode.cu, csrc/kernels/buffer.cuh) or worked
 by hand, never computed by the function under test."""
 
+import dataclasses
 import itertools
 
 import pytest
-
 from _helpers import ROOT  # noqa: F401  (puts the repository on sys.path)
-from deepep_tune.gpus import sms_cap
-from deepep_tune.options import Options
-from deepep_tune.space import (COMMUNITY_CONFIG, INT32_MAX, Axes, Space, TuneConfig, build_space, config_error,
-                               int32_overflow, mode_axes, nvl_bytes, nvl_size_hint, space_from_points)
-from deepep_tune.tuner import buffer_bytes, sweep_space
-from deepep_tune.workload import Workload
+
+from deepep_tune.deepep.buffer import (
+    INT32_MAX,
+    int32_overflow,
+    nvl_bytes,
+    nvl_size_hint,
+)
+from deepep_tune.deepep.config import (
+    COMMUNITY_CONFIG,
+    V1,
+    ConfigArgs,
+    TuneConfig,
+    config_error,
+    grid,
+)
+from deepep_tune.deepep.gpus import sms_cap
+from deepep_tune.deepep.workload import Workload
+from deepep_tune.knobs import Space
+from deepep_tune.tune.options import Options, SearchOptions
+from deepep_tune.tune.backends.base import buffer_bytes
+from deepep_tune.tune.setup import sweep_space
 
 V3 = Workload(4096, 7168, 8, 256)  # DeepSeek-V3 shapes, bf16
 
@@ -64,7 +79,19 @@ def test_turbo_tuple_pasted_as_three_values_is_rejected():
     assert config_error(64, *COMMUNITY_CONFIG) is not None
 
 
-# --- mode_axes / build_space ----------------------------------------------------------------------
+# --- the v1 grid / KnobSpace.build ----------------------------------------------------------------
+
+def build_space(axes, fits):
+    """V1's declaration over the given axes values (dispatch_chunks, combine_chunks, sms, buffers)."""
+    g = {"dispatch": {"num_sms": axes["sms"], "nvl_chunk": axes["dispatch_chunks"], "nvl_buffer": axes["buffers"]},
+         "combine": {"num_sms": axes["sms"], "nvl_chunk": axes["combine_chunks"], "nvl_buffer": axes["buffers"]}}
+    return dataclasses.replace(V1, grid=lambda cap: g).build(0, fits)
+
+
+def mode_axes(cap):
+    g = grid(cap)
+    return {"sms": g["dispatch"]["num_sms"], "dispatch_chunks": g["dispatch"]["nvl_chunk"],
+            "combine_chunks": g["combine"]["nvl_chunk"], "buffers": g["dispatch"]["nvl_buffer"]}
 
 def _budget_fits(limit_bytes, num_ranks=8, hidden=7168, topk=8):
     def fits(op, c):
@@ -83,16 +110,15 @@ FITS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["quick", "full"])
 @pytest.mark.parametrize("cap", [4, 6, 20, 24, 32, 33, 78, 114, 132])
 @pytest.mark.parametrize("fits_name", list(FITS))
-def test_build_space_keeps_exactly_the_valid_fitting_configs(mode, cap, fits_name):
+def test_build_space_keeps_exactly_the_valid_fitting_configs(cap, fits_name):
     fits = FITS[fits_name]
-    axes = mode_axes(mode, cap)
-    space, pruned = build_space(axes, fits)
+    axes = mode_axes(cap)
+    space, pruned = V1.build(cap, fits)
 
-    product = {("dispatch", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes.sms, axes.dispatch_chunks, axes.buffers)}
-    product |= {("combine", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes.sms, axes.combine_chunks, axes.buffers)}
+    product = {("dispatch", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes["sms"], axes["dispatch_chunks"], axes["buffers"])}
+    product |= {("combine", TuneConfig(s, c, b)) for s, c, b in itertools.product(axes["sms"], axes["combine_chunks"], axes["buffers"])}
     valid = lambda c: c.num_sms > 0 and c.num_sms % 2 == 0 and 0 < c.nvl_chunk < c.nvl_buffer  # noqa: E731
     expected = {(op, c) for op, c in product if valid(c) and fits(op, c)}
     got = {("dispatch", c) for c in space.dispatch} | {("combine", c) for c in space.combine}
@@ -103,13 +129,13 @@ def test_build_space_keeps_exactly_the_valid_fitting_configs(mode, cap, fits_nam
     assert space.size() + pruned == len(product)
     for op in ("dispatch", "combine"):
         for c in space.configs(op):
-            assert c.error() is None
+            assert ConfigArgs.of(c).error() is None
             assert fits(op, c)
             assert c.num_sms <= cap
 
 
 def test_build_space_prunes_invalid_axis_values():
-    axes = Axes(sms=(0, 3, 4), dispatch_chunks=(2, 128, 300), combine_chunks=(1,), buffers=(128, 256))
+    axes = dict(sms=(0, 3, 4), dispatch_chunks=(2, 128, 300), combine_chunks=(1,), buffers=(128, 256))
     space, pruned = build_space(axes, lambda op, c: True)
     assert set(space.dispatch) == {TuneConfig(4, 2, 128), TuneConfig(4, 2, 256), TuneConfig(4, 128, 256)}
     assert set(space.combine) == {TuneConfig(4, 1, 128), TuneConfig(4, 1, 256)}
@@ -117,8 +143,8 @@ def test_build_space_prunes_invalid_axis_values():
 
 
 def test_byte_budget_prunes_the_large_configs():
-    space_all, pruned_all = build_space(mode_axes("full", 132), FITS["all"])
-    space, pruned = build_space(mode_axes("full", 132), FITS["256MiB"])
+    space_all, pruned_all = V1.build(132, FITS["all"])
+    space, pruned = V1.build(132, FITS["256MiB"])
     assert pruned_all == 0
     assert 0 < space.size() < space_all.size()
     assert pruned == space_all.size() - space.size()
@@ -128,14 +154,13 @@ def test_byte_budget_prunes_the_large_configs():
 
 
 @pytest.mark.parametrize("cap", [4, 6, 8, 24, 32, 33, 40, 78, 114, 132])
-def test_mode_axes_sms(cap):
-    for mode in ("quick", "full"):
-        sms = mode_axes(mode, cap).sms
-        assert list(sms) == sorted(set(sms))
-        assert all(s <= cap for s in sms)
-        assert cap in sms  # the cap itself is always tried
-        assert {s for s in (4, 8, 16, 24, 32) if s <= cap} <= set(sms)
-    assert mode_axes("quick", cap) == mode_axes("full", cap)
+def test_grid_sms(cap):
+    sms = mode_axes(cap)["sms"]
+    assert list(sms) == sorted(set(sms))
+    assert all(s <= cap for s in sms)
+    assert cap in sms  # the cap itself is always tried
+    assert {s for s in (4, 8, 16, 24, 32) if s <= cap} <= set(sms)
+    assert grid(cap)["dispatch"]["num_sms"] == grid(cap)["combine"]["num_sms"]
 
 
 # --- NVL buffer sizes ------------------------------------------------------------------------------
@@ -182,7 +207,7 @@ def test_nvl_bytes_do_not_depend_on_chunk():
 def _space():
     d = [TuneConfig(s, c, b) for s in (4, 8, 16, 24) for c in (2, 6) for b in (128, 256)]
     c = [TuneConfig(s, ch, b) for s in (8, 16, 24, 32) for ch in (1, 9) for b in (128, 256)]
-    return Space(tuple(d), tuple(c))
+    return Space(V1, tuple(d), tuple(c))
 
 
 def test_space_sms_values_are_shared_by_both_ops():
@@ -212,7 +237,7 @@ def test_space_restrict_none_is_identity():
 
 def test_space_from_points_dedups():
     pts = [("dispatch", TuneConfig(8, 2, 128)), ("dispatch", TuneConfig(8, 2, 128)), ("combine", TuneConfig(8, 1, 128))]
-    sp = space_from_points(pts)
+    sp = V1.space_of(pts)
     assert sp.dispatch == (TuneConfig(8, 2, 128),) and sp.combine == (TuneConfig(8, 1, 128),)
 
 
@@ -245,14 +270,14 @@ def test_int32_overflow_hand_worked_example():
 
 
 def test_sweep_excludes_int32_overflows_and_respects_max_buffer_gb():
-    o = Options(mode="full", max_buffer_gb=1e6)  # no byte budget: only the 32-bit rule prunes
-    space, pruned = sweep_space(o, 8, 132)
+    o = Options(search=SearchOptions(mode="full", max_buffer_gb=1e6))  # no byte budget: only the 32-bit rule prunes
+    space, pruned = sweep_space(o, V1, 8, 132)
     assert TuneConfig(128, 8, 512) not in space.dispatch and TuneConfig(128, 8, 512) not in space.combine
     assert TuneConfig(128, 8, 256) in space.dispatch  # 64*8*256*14336 = 1.88e9 < 2^31
     assert pruned > 0
     # --max-buffer-gb 0.5: dispatch at 24 SMs, N=256, 8 ranks needs 12*8*256*14436 + ... = 354.8 MB (fits);
     # at 48 SMs it needs ~709.6 MB (does not)
-    small, _ = sweep_space(Options(mode="full", max_buffer_gb=0.5), 8, 132)
+    small, _ = sweep_space(Options(search=SearchOptions(mode="full", max_buffer_gb=0.5)), V1, 8, 132)
     assert TuneConfig(24, 8, 256) in small.dispatch
     assert TuneConfig(48, 8, 256) not in small.dispatch
     assert all(dispatch_nvl_bytes(c, 8, 14336, 8, 0) <= 0.5 * 2**30 for c in small.dispatch)
@@ -262,11 +287,11 @@ def test_buffer_is_sized_for_the_largest_config_and_the_baselines():
     # 8 ranks, DeepSeek-V3 bf16: a dispatch slot is 14336 + 4 + 8*8 + 8*4 = 14436 bytes; dispatch needs
     # R*R*4 + C*R*16 + C*R*N*14436 (deep_ep.cpp L680-690), C = num_sms / 2.
     # The space alone: dispatch (24, 8, 256) -> 256 + 1,536 + 354,779,136 = 354,780,928 (a multiple of 128)
-    space = Space((TuneConfig(24, 8, 256),), (TuneConfig(24, 9, 256),))
+    space = Space(V1, (TuneConfig(24, 8, 256),), (TuneConfig(24, 9, 256),))
     assert buffer_bytes(space, 8, V3, 132) == 354_780_928
     # A space of small configs: the baselines decide. (24, 8, 256) needs 354,780,928 as above; with a 20-SM cap
     # it is not run, and DeepEP as shipped (20, 6, 256) needs 256 + 10*8*16 + 10*8*256*14436 = 295,650,816.
-    small = Space((TuneConfig(8, 4, 128),), (TuneConfig(8, 1, 128),))
+    small = Space(V1, (TuneConfig(8, 4, 128),), (TuneConfig(8, 1, 128),))
     assert buffer_bytes(small, 8, V3, 132) == 354_780_928
     assert buffer_bytes(small, 8, V3, 20) == 295_650_816
 
@@ -287,7 +312,8 @@ def test_sms_cap(device_sms, ranks_per_gpu, cap):
 def test_installed_deepep_tables_are_compared(monkeypatch):
     """The CPU stand-in transcribes deep_ep/buffer.py's tables: they match; a changed row is named."""
     import os
-    from deepep_tune.backends.deepep import installed_mismatch
+
+    from deepep_tune.tune.backends.deepep import installed_mismatch
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "fake_deep_ep"))
     import deep_ep
     assert installed_mismatch(deep_ep) is None

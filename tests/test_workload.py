@@ -2,10 +2,15 @@
 
 import pytest
 import torch
-
 from _helpers import ROOT  # noqa: F401
-from deepep_tune.routing import expected_for_rank, make_routing, token_values, traffic
-from deepep_tune.workload import Workload, workload_error
+
+from deepep_tune.deepep.routing import (
+    expected_for_rank,
+    make_routing,
+    token_values,
+    traffic,
+)
+from deepep_tune.deepep.workload import Workload, workload_error
 
 SMALL = Workload(num_tokens=64, hidden=256, num_topk=4, num_experts=16)
 

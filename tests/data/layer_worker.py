@@ -10,12 +10,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import deepep_tune.layer as layer_mod  # noqa: E402
-
-from deepep_tune.layer import (LayerShape, MoELayer, full_weights, layer_check, layer_inputs,  # noqa: E402
-                               reference_check)
-from deepep_tune.refbuffer import ReferenceBuffer, ReferenceConfig  # noqa: E402
-from deepep_tune.space import RDMA_BUFFER, RDMA_CHUNK, TuneConfig, align, nvl_bytes  # noqa: E402
+import deepep_tune.tune.layer as layer_mod  # noqa: E402
+from deepep_tune.deepep.buffer import align, nvl_bytes  # noqa: E402
+from deepep_tune.deepep.config import RDMA_BUFFER, RDMA_CHUNK, TuneConfig  # noqa: E402
+from deepep_tune.deepep.refbuffer import ReferenceBuffer, ReferenceConfig  # noqa: E402
+from deepep_tune.deepep.workload import LayerShape  # noqa: E402
+from deepep_tune.tune.layer import (  # noqa: E402
+    MoELayer,
+    full_weights,
+    layer_check,
+    layer_inputs,
+    reference_check,
+)
 
 SHAPE = LayerShape(num_tokens=24, hidden=64, num_topk=3, num_experts=8, moe_intermediate=32, num_shared_experts=1,
                    shared_intermediate=48)
@@ -27,14 +33,17 @@ def make_config(cfg):
 
 
 class RecordingBuffer(ReferenceBuffer):
-    """Logs the config of every forward dispatch, to check the order layer_check runs candidates in."""
+    """Logs the config of every forward dispatch, to check the order layer_check runs candidates in, and of every
+    cached dispatch (the backward of the forward combine), to check that the backward is run."""
 
     log = []
+    cached_log = []
 
     def dispatch(self, x, handle=None, **kw):
-        if handle is None and kw.get("config") is not None:
+        if kw.get("config") is not None:
             c = kw["config"]
-            RecordingBuffer.log.append([c.num_sms, c.nvl_chunk, c.nvl_buffer])
+            (RecordingBuffer.log if handle is None else RecordingBuffer.cached_log).append(
+                [c.num_sms, c.nvl_chunk, c.nvl_buffer])
         return super().dispatch(x, handle=handle, **kw)
 
 
@@ -121,8 +130,9 @@ def timing(rank, world, buf):
              "mismatched_sms": (TuneConfig(8, 4, 64), TuneConfig(12, 2, 64)),
              "too_big": (TuneConfig(32, 4, 512), TuneConfig(32, 2, 512))}
     RecordingBuffer.log.clear()
+    RecordingBuffer.cached_log.clear()
     res = layer_check(buf, make_config, SHAPE, rank, world, torch.device("cpu"), cands, rounds=4, warmup=1, seed=SEED)
-    return {"result": res, "dispatch_log": list(RecordingBuffer.log)}
+    return {"result": res, "dispatch_log": list(RecordingBuffer.log), "cached_dispatch_log": list(RecordingBuffer.cached_log)}
 
 
 def main():

@@ -10,11 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from deepep_tune.check import check_combine, check_dispatch  # noqa: E402
-from deepep_tune.refbuffer import ReferenceBuffer, ReferenceConfig  # noqa: E402
-from deepep_tune.routing import expected_for_rank, make_routing, token_values  # noqa: E402
-from deepep_tune.space import TuneConfig, align, deepep_default, nvl_bytes  # noqa: E402
-from deepep_tune.workload import Workload  # noqa: E402
+from deepep_tune.deepep.buffer import align, nvl_bytes  # noqa: E402
+from deepep_tune.deepep.check import check_combine, check_dispatch  # noqa: E402
+from deepep_tune.deepep.config import TuneConfig, deepep_default  # noqa: E402
+from deepep_tune.deepep.refbuffer import ReferenceBuffer, ReferenceConfig  # noqa: E402
+from deepep_tune.deepep.routing import expected_for_rank, make_routing, token_values  # noqa: E402
+from deepep_tune.deepep.workload import Workload  # noqa: E402
 
 # The hand-worked case of tests/test_refbuffer.py: 2 ranks, 4 experts (2 per rank), 3 tokens, top-2.
 HAND_IDX = {0: [[0, 3], [2, -1], [1, 0]], 1: [[3, 2], [0, 2], [-1, -1]]}

@@ -10,11 +10,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from deepep_tune.backends.reference import ReferenceBackend  # noqa: E402
-from deepep_tune.check import check_combine, check_dispatch  # noqa: E402
-from deepep_tune.measure import MeasureSettings, Measurer  # noqa: E402
-from deepep_tune.space import TuneConfig  # noqa: E402
-from deepep_tune.workload import Workload  # noqa: E402
+from deepep_tune.deepep.check import check_combine, check_dispatch  # noqa: E402
+from deepep_tune.deepep.config import TuneConfig  # noqa: E402
+from deepep_tune.deepep.workload import Workload  # noqa: E402
+from deepep_tune.tune.backends.reference import ReferenceBackend  # noqa: E402
+from deepep_tune.tune.measure import Measurer, MeasureSettings  # noqa: E402
 
 
 def main() -> None:
