@@ -37,6 +37,7 @@ from .options import (
     resume_error,
 )
 
+LAUNCHED_AT_ENV = "DEEPEP_TUNE_LAUNCHED_AT"  # read by the ranks (tune/run.py)
 RANK_MODULE = "deepep_tune.tune.rank"  # a module, not a script path: works from any install and directory
 STARTUP_WAITS, STARTUP_WAIT_S, RELAUNCH_PAUSE_S = 3, 10, 5
 USAGE = "usage: ./run.sh [ranks: 2|4|8, default all GPUs] [quick|full] [tuner flags, see --help]"
@@ -187,6 +188,8 @@ def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the ranks report their phases from here on (tune/run.py phases); a relaunch keeps the first start
+    os.environ.setdefault(LAUNCHED_AT_ENV, repr(time.time()))
     pre = preflight(list(sys.argv[1:] if argv is None else argv))
     if isinstance(pre, int):
         return pre

@@ -9,7 +9,7 @@ import math
 import time
 import traceback
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any, Callable, Iterator
 
@@ -21,6 +21,7 @@ from ..record.log import LogWriter
 from ..stats import mean_times
 from .backends.base import Backend
 from .faults import maybe_inject
+from .race import Race, RaceSettings
 from .timing import Reduced, reduce_samples
 
 Key = tuple[str, Knobs]
@@ -36,6 +37,7 @@ class MeasureSettings:
     iters: int
     remeasure_factor: int = 3
     timeout_s: float = 60.0
+    race: RaceSettings = field(default_factory=lambda: RaceSettings(iters=0))  # off unless the run asks
 
 
 def measurement_record(op: str, cfg: Knobs, tag: dict[str, Any], red: Reduced | None, iters: int | None,
@@ -86,14 +88,40 @@ class Measurer:
         self.tag = tag or {}
         self.seq = seq or itertools.count(max((r.get("seq", 0) for r in prior or []), default=0) + 1)
         self.on_record = on_record
+        self.race = Race(settings.race)
+        self.short_only: set[Key] = set()  # configs whose only observation is their short pass
 
     # Oracle interface -------------------------------------------------------------------------
     def time(self, op: str, cfg: Knobs) -> float:
-        if not self.obs.get((op, cfg)):
+        key = (op, cfg)
+        if not self.obs.get(key):
+            if not self.settings.race.on:
+                self._take(op, cfg, "search", self.settings.iters)
+            else:
+                short = self._value(self._take(op, cfg, "short", self.settings.race.iters, self.settings.race.warmup))
+                if self.race.deserves_full(op, short):
+                    self._take(op, cfg, "search", self.settings.iters)
+                else:  # cannot win (or failed, which is final): its short pass stands for it
+                    self.obs[key].append(short)
+                    if math.isfinite(short):
+                        self.short_only.add(key)
+        return mean_times({key: self.obs[key]})[key]
+
+    def is_short(self, op: str, cfg: Knobs) -> bool:
+        """Only a short pass measured this config (racing decided it could not win)."""
+        return (op, cfg) in self.short_only
+
+    def promote(self, op: str, cfg: Knobs) -> float:
+        """The full count for a config that only had a short pass (it turned out to be a row's best)."""
+        key = (op, cfg)
+        if key in self.short_only:
+            self.short_only.discard(key)
+            self.obs[key].clear()
             self._take(op, cfg, "search", self.settings.iters)
-        return mean_times({(op, cfg): self.obs[(op, cfg)]})[(op, cfg)]
+        return mean_times({key: self.obs[key]})[key]
 
     def remeasure(self, op: str, cfg: Knobs) -> float:
+        self.promote(op, cfg)  # a short pass never averages with full ones
         self._take(op, cfg, "remeasure", self.settings.iters * self.settings.remeasure_factor)
         return mean_times({(op, cfg): self.obs[(op, cfg)]})[(op, cfg)]
 
@@ -113,10 +141,13 @@ class Measurer:
     # ------------------------------------------------------------------------------------------
     def sample(self, op: str, cfg: Knobs, role: str) -> float:
         """One more measurement kept out of the search's observations (the final re-timing); inf if it failed."""
-        rec = self._take(op, cfg, role, self.settings.iters)
+        return self._value(self._take(op, cfg, role, self.settings.iters))
+
+    @staticmethod
+    def _value(rec: dict[str, Any]) -> float:
         return float(rec["time_us"]) if rec.get("status") == "ok" and rec.get("time_us") is not None else math.inf
 
-    def _take(self, op: str, cfg: Knobs, role: str, iters: int) -> dict[str, Any]:
+    def _take(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int | None = None) -> dict[str, Any]:
         key = (op, cfg)
         n = self.requests[key]
         self.requests[key] += 1
@@ -125,11 +156,12 @@ class Measurer:
             self.reused += 1
             self.backend.reused(op, cfg)
         else:
-            rec = self._run(op, cfg, role, iters)
+            rec = self._run(op, cfg, role, iters, self.settings.warmup if warmup is None else warmup)
         self.records.append(rec)
         if role in ("search", "remeasure"):
-            t = rec.get("time_us")
-            self.obs[key].append(float(t) if rec.get("status") == "ok" and t is not None else math.inf)
+            self.obs[key].append(self._value(rec))
+        if role == "search":
+            self.race.measured_full(op, self._value(rec))
         if self.on_record:
             self.on_record(rec)
         return rec
@@ -138,7 +170,7 @@ class Measurer:
         if self.log is not None:
             self.log.write(rec)
 
-    def _run(self, op: str, cfg: Knobs, role: str, iters: int) -> dict[str, Any]:
+    def _run(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int) -> dict[str, Any]:
         if self.workload is not None:
             self.backend.use(self.workload)
         seq = next(self.seq)
@@ -149,7 +181,7 @@ class Measurer:
         error, parts, status = None, {}, "ok"
         try:
             maybe_inject(op, cfg, self.rank)
-            res = self.backend.measure(op, cfg, self.settings.warmup, iters)
+            res = self.backend.measure(op, cfg, warmup, iters)
             parts = res.parts
             if res.error:
                 status, error = "wrong", res.error

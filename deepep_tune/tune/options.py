@@ -82,6 +82,10 @@ class SearchOptions:
 class MeasurementOptions:
     warmup: int = _opt(2, "untimed runs before each measurement")
     iters: int = _opt(10, "timed runs per measurement (x3 when re-measuring)")
+    race_iters: int | None = _opt(None, "timed runs of each config's short first pass; only configs within "
+                                        "--race-margin of their op's fastest get the full --iters (default 3 in "
+                                        "full mode, 0 in quick; 0, or not below --iters: no racing)", type=int)
+    race_margin: float = _opt(0.10, "a short pass within this fraction of its op's fastest config earns the full count")
     timeout_s: float = _opt(DEFAULT_TIMEOUT_S, "a measurement running longer is recorded as a hang and the ranks "
                                                "restart")
     colocate: bool = _opt(False, "allow more ranks than GPUs (needs CUDA MPS); results are labelled co-located")
@@ -163,8 +167,22 @@ def dest_of(section: str, f: Any) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))[2:].replace("-", "_")
 
 
+# Racing pays where most configs cannot win (full mode: -36 % search time on two H200s); quick measures
+# mostly contenders, which a short pass only delays (README 'Racing').
+RACE_ITERS = {"full": 3, "quick": 0}
+
+
+def race_iters(mode: str, iters: int, asked: int | None) -> int:
+    """The short pass's timed runs: asked or the mode's default; 0 (no racing) unless shorter than --iters."""
+    n = RACE_ITERS[mode] if asked is None else asked
+    return n if n < iters else 0
+
+
 # Options that change what is measured or how: a resumed run must match the log on these.
-RESUME_OPTIONS = ("max_sms", "colocate", "replay", "replay_noise", "warmup", "iters", "max_buffer_gb", "objective")
+RESUME_OPTIONS = ("max_sms", "colocate", "replay", "replay_noise", "warmup", "iters", "max_buffer_gb", "objective",
+                  "race_iters", "race_margin")
+# What a log written before an option existed measured with, where that differs from today's default.
+LEGACY_DEFAULTS = {"race_iters": 0}
 
 
 class OptionsError(ValueError):
@@ -243,6 +261,8 @@ def _checks(o: Options) -> Iterator[tuple[bool, str]]:
     yield (s.max_sms is None or (s.max_sms >= 2 and s.max_sms % 2 == 0),
            f"--max-sms must be an even number >= 2, got {s.max_sms}")
     yield m.warmup >= 0 and m.iters >= 1, f"--warmup must be >= 0 and --iters >= 1, got {m.warmup} and {m.iters}"
+    yield m.race_iters is None or m.race_iters >= 0, f"--race-iters must be >= 0, got {m.race_iters}"
+    yield m.race_margin > 0, f"--race-margin must be positive, got {m.race_margin}"
     yield m.timeout_s > 0 and math.isfinite(m.timeout_s), f"--timeout-s must be positive, got {m.timeout_s}"
     yield s.max_buffer_gb > 0, f"--max-buffer-gb must be positive, got {s.max_buffer_gb}"
     yield 0 <= m.replay_noise < 1, f"--replay-noise must be in [0, 1), got {m.replay_noise}"
@@ -372,9 +392,13 @@ def resume_error(header: dict[str, Any] | None, finished: bool, path: str, o: Op
     theirs = {k: h.get(k) for k in mine}
     theirs["library"] = h.get("library", "deepep-v1")  # logs written before other libraries were v1's
     # a log written before an option existed measured with its default
-    flat = Options().as_dict()
+    flat, logged = Options().as_dict(), h.get("options") or {}
     for k in RESUME_OPTIONS:
-        mine[k], theirs[k] = o.as_dict()[k], (h.get("options") or {}).get(k, flat[k])
+        mine[k], theirs[k] = o.as_dict()[k], logged.get(k, LEGACY_DEFAULTS.get(k, flat[k]))
+    # what racing really did, not how it was asked for
+    mine["race_iters"] = race_iters(o.search.mode, o.measurement.iters, o.measurement.race_iters)
+    theirs["race_iters"] = race_iters(h.get("mode", o.search.mode), logged.get("iters", flat["iters"]),
+                                      theirs["race_iters"])
     if isinstance(theirs["workload"], dict):
         theirs["workload"] = {**Workload().as_dict(), **theirs["workload"]}
     diff = [k for k in mine if mine[k] != theirs[k]]

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -24,6 +25,7 @@ from ..record.results import results_name, write_json_atomic
 from ..report.paste import sglang_of
 from ..report.render import summary
 from . import interrupts
+from .launch import LAUNCHED_AT_ENV
 from .measure import ContextLost, Measurer, MeasureSettings, crashed_record
 from .options import (
     Options,
@@ -31,9 +33,11 @@ from .options import (
     check_options,
     library_of,
     parse_options,
+    race_iters,
     rerun_command,
 )
 from .outputs import Overall, SizeOutcome, build_results
+from .race import RaceSettings
 from .search import SearchError, SmsRow, search_and_baselines
 from .setup import (
     CRASHED,
@@ -72,8 +76,10 @@ class Run:
         try:
             if not self.space.size():
                 raise UsageError("the search space is empty: raise --max-sms or --max-buffer-gb")
+            # the full hardware description runs nvidia-smi and scans installed packages: off the search's path
+            self.hardware = ThreadPoolExecutor(1).submit(self.backend.describe)
             self.log: LogWriter | None = on_all_ranks(
-                lambda: open_log(o, ranks, self.log_path, prior, dangling, self.backend.describe(), self.decl),
+                lambda: open_log(o, ranks, self.log_path, prior, dangling, self.backend.identity(), self.decl),
                 "opening the log", ranks.rank)
         except BaseException:
             self.backend.close()
@@ -83,7 +89,10 @@ class Run:
                             key=lambda r: r.get("seq", 0))
         self.t_setup = time.time()
         self.bar = progress_bar(o, ranks, self.space)
-        settings = MeasureSettings(o.measurement.warmup, o.measurement.iters, timeout_s=o.measurement.timeout_s)
+        m = o.measurement
+        settings = MeasureSettings(m.warmup, m.iters, timeout_s=m.timeout_s,
+                                   race=RaceSettings(race_iters(o.search.mode, m.iters, m.race_iters), min(1, m.warmup),
+                                                     m.race_margin))
         seq = iter(range(max((r.get("seq", 0) for r in self.prior), default=0) + 1, sys.maxsize))
         first = o.workload.num_tokens[0]
         self.measurers = {n: Measurer(self.backend, settings, ranks.rank, self.log,
@@ -127,7 +136,9 @@ class Run:
         except CompareError as e:
             raise UsageError(str(e)) from None
         comparison = final_comparison(self.measurers[first], answer, baselines, compare, o.search.retime_rounds)
+        t_layer = time.time()
         layer = run_layer_check(o, self.backend, answer, outcomes[0]) if o.layer_check.enabled else None
+        self.layer_s = round(time.time() - t_layer, 2) if layer is not None else None
         adv = advice(o, self.decl, self.ranks.world, list(self.ranks.argv), outcomes[0].rows, answer, layer)
         return {"comparison": comparison, "layer": layer, "advice": adv}
 
@@ -135,10 +146,11 @@ class Run:
         o = self.o
         outcomes = [self.search(n) for n in o.workload.num_tokens]
         overall = pick_overall(outcomes, self.measurers, self.backend, self.ranks.world) if len(outcomes) > 1 else None
+        self.t_searched = time.time()
         out_path = os.path.join(o.outputs.out_dir, results_name(self.ranks.world, o.search.backend,
                                                                 self.backend.colocated))
         verdicts = self.verdicts(outcomes, overall, out_path)
-        t_measured = time.time()
+        t_measured = self.t_measured = time.time()
         if self.bar is not None:
             self.bar.close()  # type: ignore[attr-defined]
         res = build_results(self.meta(t_measured), self.ranks.world, outcomes, overall, verdicts, out_path)
@@ -149,7 +161,7 @@ class Run:
     def meta(self, t_measured: float) -> dict[str, Any]:
         o, records = self.o, [r for m in self.measurers.values() for r in m.records]
         measured_now = len(records) - sum(m.reused for m in self.measurers.values())
-        hw = self.backend.describe()
+        hw = self.hardware.result()
         return {
             "tool_version": __version__, "mode": o.search.mode, "backend": o.search.backend,
             "library": self.decl.library, "objective": o.search.objective, "model": o.workload.model,
@@ -158,7 +170,7 @@ class Run:
                          "deep_ep": hw.pop("deep_ep", None), "cuda": hw.pop("cuda", None)},
             "started": datetime.datetime.fromtimestamp(self.t0).isoformat(timespec="seconds"), "finished": now(),
             "wall_s": round(time.time() - self.t0, 2),
-            "phases_s": phases(self.t0, self.t_setup, t_measured, measured_now),
+            "phases_s": phases(self.t0, self.t_setup, self.t_searched, t_measured, measured_now),
             "num_measurements": len(records),
             "num_measured_this_launch": measured_now,
             "resumed": o.outputs.resume is not None,
@@ -176,6 +188,12 @@ class Run:
                                                                    for oc in outcomes})
         if "normal_dispatch" in res:
             write_json_atomic(res["paste"]["sglang_file"], sglang_of(res))
+        # the last phase ends as the results file is written (the write itself takes milliseconds)
+        ph, now = res["phases_s"], time.time()
+        ph["outputs"] = round(now - self.t_measured, 2)
+        ph["layer_check"] = self.layer_s  # inside verdicts and measuring
+        launched = ph.pop("_launched_at", None)
+        ph["launch_to_results"] = round(now - launched, 2) if launched else None
         write_json_atomic(out, res)
         assert self.log is not None
         self.log.write({"event": "done", "results": out, "t": time.time()})
@@ -208,14 +226,24 @@ def progress_bar(o: Options, ranks: Ranks, space: Space) -> Callable[[dict[str, 
     return on_record
 
 
-def phases(t0: float, t_setup: float, t_measured: float, measured: int) -> dict[str, float | None]:
-    """Where a run's time goes (rank 0's clock); torchrun's own start-up and teardown come on top."""
+def phases(t0: float, t_setup: float, t_searched: float, t_measured: float, measured: int) -> dict[str, float | None]:
+    """Where a run's time goes, from the user's command to the results file (rank 0's clock; the launcher's start
+    comes from LAUNCHED_AT_ENV): launcher and torchrun until this rank's process started, then the interpreter
+    (imports, process group), set-up (resume, backend: deep_ep import, Buffer, inputs; log), the search of every
+    token count, the verdicts (final comparison, layer check, advice), and writing the outputs (added when the
+    results file is written). `measuring` (search + verdicts) and `interpreter_start_to_tuner` keep their
+    earlier meaning."""
     started = _process_start()
+    launched = float(os.environ.get(LAUNCHED_AT_ENV, "0") or 0) or None
     return {
+        "launcher_to_rank_start": round(started - launched, 2) if started and launched else None,
         "interpreter_start_to_tuner": round(t0 - started, 2) if started else None,
-        "setup": round(t_setup - t0, 2),  # process group, resume, backend (deep_ep import, Buffer, inputs)
+        "setup": round(t_setup - t0, 2),
+        "search": round(t_searched - t_setup, 2),
+        "verdicts": round(t_measured - t_searched, 2),
         "measuring": round(t_measured - t_setup, 2),
         "per_measurement_ms": round(1e3 * (t_measured - t_setup) / measured, 1) if measured else None,
+        "_launched_at": launched,
     }
 
 

@@ -34,6 +34,12 @@ class Oracle(Protocol):
     def sample(self, op: str, cfg: Knobs, role: str) -> float:
         """One more measurement that does not join the observations (the final re-timing)."""
 
+    def is_short(self, op: str, cfg: Knobs) -> bool:
+        """Only a short first pass measured this config (racing: it could not win)."""
+
+    def promote(self, op: str, cfg: Knobs) -> float:
+        """Give a config that only had a short pass the full count; returns its new time."""
+
 
 class SearchError(RuntimeError):
     pass
@@ -90,8 +96,9 @@ def pick(rows: list[SmsRow], max_sms: int | None = None) -> SmsRow | None:
 
 
 def full_search(oracle: Oracle, space: Space) -> None:
-    """Every config of the space, num_sms ascending."""
-    for s in space.sms_values():
+    """Every config of the space, the largest num_sms first: the fastest configs usually sit there, so racing
+    (tune/race.py) learns early what a contender has to beat."""
+    for s in reversed(space.sms_values()):
         for op in OPS:
             for cfg in space.grid(op, s):
                 oracle.time(op, cfg)
@@ -188,6 +195,20 @@ def refine(oracle: Oracle, space: Space, max_sms: int | None, tolerance: float =
                     oracle.remeasure(op, c)
 
 
+def settle_rows(oracle: Oracle, space: Space) -> None:
+    """Racing leaves configs that could not win the op with their short pass only; a row of the per-num_sms table
+    must still rest on full measurements, so each row's best that had only a short pass gets the full count (and
+    the rows are computed again, since the full count may move that best)."""
+    while True:
+        rows = per_sms_table(oracle.observed(), space)
+        short = [(op, c) for r in rows for op, c in (("dispatch", r.dispatch), ("combine", r.combine))
+                 if c is not None and oracle.is_short(op, c)]
+        if not short:
+            return
+        for op, c in dict.fromkeys(short):
+            oracle.promote(op, c)
+
+
 STRATEGIES = {"full": full_search, "quick": quick_search}
 
 
@@ -223,6 +244,11 @@ def choose_overall(totals: dict[Candidate, dict[int, float]], best_at: dict[int,
     return best, losses(best)
 
 
+def _full_time(oracle: Oracle, op: str, cfg: Knobs) -> float:
+    t = oracle.time(op, cfg)
+    return oracle.promote(op, cfg) if oracle.is_short(op, cfg) else t
+
+
 def measure_baselines(oracle: Oracle, bases: list[Baseline], sms_cap: int | None) -> list[Baseline]:
     for b in bases:
         sms = sms_of_pair((b.dispatch, b.combine))
@@ -232,8 +258,9 @@ def measure_baselines(oracle: Oracle, bases: list[Baseline], sms_cap: int | None
         if not (oracle.can_measure("dispatch", b.dispatch) and oracle.can_measure("combine", b.combine)):
             b.skipped = "not in the replayed landscape"
             continue
-        # measured like any config; one the search already measured is not measured again
-        d, c = oracle.time("dispatch", b.dispatch), oracle.time("combine", b.combine)
+        # measured like any config (one the search already measured is not measured again), with the full count:
+        # the results report it
+        d, c = _full_time(oracle, "dispatch", b.dispatch), _full_time(oracle, "combine", b.combine)
         b.dispatch_us = d if math.isfinite(d) else None
         b.combine_us = c if math.isfinite(c) else None
     return bases
@@ -244,6 +271,7 @@ def search_and_baselines(oracle: Oracle, space: Space, mode: str, ep_size: int, 
                          ) -> tuple[SmsRow, list[SmsRow], list[Baseline]]:
     """The search, the noise guard, the pick under the SM budget, then the baselines at the pick's num_sms."""
     STRATEGIES[mode](oracle, space)
+    settle_rows(oracle, space)
     refine(oracle, space, max_sms)
     rows = per_sms_table(oracle.observed(), space)
     best = pick(rows, max_sms)

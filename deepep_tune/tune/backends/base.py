@@ -76,8 +76,12 @@ class Backend(ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Hardware and software facts for the results file."""
+        """Hardware and software facts for the results file (may be slow: it runs beside the search)."""
         return {}
+
+    def identity(self) -> dict[str, Any]:
+        """The few facts the log header needs, quickly (the full description follows in the results)."""
+        return {k: v for k, v in self.describe().items() if k in ("device_name", "num_devices", "colocated")}
 
     def healthy(self) -> bool:
         """False once a failure has left the device unusable (the process must restart)."""

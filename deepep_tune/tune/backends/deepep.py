@@ -30,6 +30,13 @@ from .base import TokenBackend, buffer_bytes
 L2_FLUSH_BYTES = 256 << 20  # DeepEP's bench flushes L2 with a 256 MB memset
 
 
+def l2_flush_bytes(device: torch.device) -> int:
+    """Bytes a memset needs to evict the whole L2: twice its size (50 MB on H100/H200), never more than DeepEP's
+    256 MB. The flush runs before every timed call, outside the timing but inside the run's wall time."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return min(L2_FLUSH_BYTES, 2 * l2) if l2 > 0 else L2_FLUSH_BYTES
+
+
 def deep_ep_version() -> str | None:
     names = importlib.metadata.packages_distributions().get("deep_ep", [])
     for name in names:
@@ -109,8 +116,7 @@ class DeepEPBackend(TokenBackend):
         self.num_nvl_bytes = num_nvl_bytes
         buffer = deep_ep.Buffer(group, num_nvl_bytes, 0, low_latency_mode=False, num_qps_per_rank=1,
                                 explicitly_destroy=True)
-        # DeepEP's bench flushes L2 with a 256 MB memset before timing.
-        self.l2 = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        self.l2 = torch.empty(l2_flush_bytes(device) // 4, dtype=torch.int32, device=device)
         # NCCL refuses two ranks on one GPU; one rank per GPU gets NCCL for the all-to-all comparison.
         a2a_group = None if self.colocated else dist.new_group(backend="nccl")
         super().__init__(buffer, self._config, CudaEventTimer(), device, rank, num_ranks, objective,
@@ -127,6 +133,10 @@ class DeepEPBackend(TokenBackend):
     def _config(self, cfg: Knobs) -> Any:
         return self.deep_ep.Config(*ConfigArgs.of(cfg).as_tuple())
 
+    def identity(self) -> dict[str, Any]:
+        return {"device_name": torch.cuda.get_device_name(self.device), "num_devices": torch.cuda.device_count(),
+                "colocated": self.colocated}
+
     def describe(self) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(self.device)
         return {
@@ -139,6 +149,7 @@ class DeepEPBackend(TokenBackend):
             "deep_ep": deep_ep_version(),
             "mps": mps_running(),
             "sms_cap": self.sms_cap,
+            "l2_flush_bytes": self.l2.numel() * 4,
             "hardware_sms_cap": self.hardware_sms_cap,
             "ranks_per_gpu": -(-self.num_ranks // torch.cuda.device_count()),
             "topology": nvidia_topology(),

@@ -6,7 +6,7 @@ import hashlib
 import math
 import random
 from collections import Counter
-from typing import Any
+from typing import Any, Sequence
 
 from ...deepep.workload import Workload
 from ...knobs import Knobs, KnobSpace, Space
@@ -17,8 +17,14 @@ from .base import OBJECTIVE_PARTS, Backend, LocalResult
 class ReplayBackend(Backend):
     name = "replay"
 
-    def __init__(self, path: str, decl: KnobSpace, noise: float = 0.0, seed: int = 0, objective: str = "train") -> None:
+    def __init__(self, path: str, decl: KnobSpace, noise: float = 0.0, seed: int = 0, objective: str = "train",
+                 call_noise: Sequence[float] | None = None) -> None:
+        """noise: one relative draw per measurement (every iteration alike). call_noise: relative deviations to draw
+        from for every single call instead (a measured distribution), so a short pass is as noisy as it would be
+        on the GPU; modelled_us then adds up the GPU time of every call, warm-up included."""
         self.path, self.noise, self.seed, self.objective = path, noise, seed, objective
+        self.call_noise = list(call_noise) if call_noise else None
+        self.modelled_us = 0.0
         self.knob_space = decl
         self.records = read_landscape(path, decl)
         self.calls: Counter[tuple[str, Knobs]] = Counter()
@@ -63,6 +69,11 @@ class ReplayBackend(Backend):
         if any(math.isinf(t) for t in parts.values()):
             raise RuntimeError(f"{op} at {cfg} failed when the landscape was recorded")
         self.calls[key] += 1
+        self.modelled_us += (warmup + iters) * sum(parts.values())
+        if self.call_noise:
+            rng = random.Random(hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}|calls".encode()).digest())
+            return LocalResult({n: [t * (1.0 + rng.choice(self.call_noise)) for _ in range(iters)]
+                                for n, t in parts.items()})
         if self.noise:
             # Seeded by the point and its call count: identical on every rank, different per repeat.
             digest = hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}".encode()).digest()
