@@ -139,6 +139,12 @@ def _read(results: Results) -> tuple[Mapping[str, Any], str]:
     return data, source
 
 
+def library_of(results: Results) -> str:
+    """The library a results file (or its dict) was tuned for; files written before other libraries are v1's."""
+    data, _ = _read(results)
+    return str(data.get("library", "deepep-v1"))
+
+
 def load_tuned(results: Results, library: Optional[str] = None) -> TunedKnobs:
     """Read the answer of a results file: best.dispatch and best.combine, by the library's knob names (times and
     statistics dropped). With `library`, refuse a file of another library. Raises ValueError with one line."""

@@ -16,6 +16,7 @@ from ..deepep.buffer import nvl_bytes, nvl_bytes_needed, nvl_size_hint
 from ..deepep.config import SUPPORTED_RANKS, ConfigArgs, TuneConfig, deepep_default
 from ..deepep.workload import Workload
 from ..knobs import Knobs
+from .paste_next import deepep_v2_outputs, hybridep_outputs
 
 # The consumer code each target was checked against: (repository, commit, file[:lines]).
 CHECKED = {
@@ -313,7 +314,7 @@ def deepep_v1_outputs(dispatch: Knobs, combine: Knobs, ep_size: int, w: Workload
 
 # Per library: the consumers' paste targets. A library without an entry has none yet (its results still hold the
 # answer, the tables and the comparison).
-LIBRARY_OUTPUTS = {"deepep-v1": deepep_v1_outputs}
+LIBRARY_OUTPUTS = {"deepep-v1": deepep_v1_outputs, "deepep-v2": deepep_v2_outputs, "hybridep": hybridep_outputs}
 
 
 def library_outputs(library: str, dispatch: Knobs, combine: Knobs, ep_size: int, w: Workload,

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 from ..deepep.config import ConfigArgs
-from ..record.results import Results, TunedResults, load_results
+from ..record.results import Results, TunedResults, library_of, load_results
 
 APPLY_ENV = "DEEPEP_TUNE_APPLY"
 # Marks every function and class this package puts into deep_ep, so that re-applying (even after this module
@@ -208,14 +208,36 @@ def current() -> Optional[Applied]:
     return _state.applied if _state is not None else None
 
 
-def apply(results: Results, *, hidden: Optional[int] = None, num_topk: Optional[int] = None,
-          num_experts: Optional[int] = None) -> Applied:
-    """Install the tuned configs of `results` (a results-file path or its dict) into deep_ep.Buffer.
+def next_gen(results: Results) -> Optional[ModuleType]:
+    """The runtime module of a results file tuned for DeepEP V2 or HybridEP (runtime/elastic.py, runtime/hybrid.py);
+    None for DeepEP v1's (this module)."""
+    library = library_of(results)
+    if library == "deepep-v1":
+        return None
+    from . import elastic, hybrid
 
-    Call it before the framework creates its deep_ep.Buffer: the buffer is sized from the getters it replaces.
-    hidden/num_topk/num_experts, when given, are checked against the shapes the results were tuned for.
-    Applying again replaces the previous apply; nothing stacks. Returns what was installed.
+    modules = {elastic.LIBRARY: elastic, hybrid.LIBRARY: hybrid}
+    if library not in modules:
+        raise ValueError(f"{getattr(results, '__fspath__', lambda: results)()}: results of {library}, which "
+                         f"deepep_tune.apply cannot put into effect")
+    return modules[library]
+
+
+def apply(results: Results, *, hidden: Optional[int] = None, num_topk: Optional[int] = None,
+          num_experts: Optional[int] = None, **options: Any) -> Any:
+    """Install the tuned configs of `results` (a results-file path or its dict).
+
+    DeepEP v1 (deep_ep.Buffer): call it before the framework creates its Buffer: the buffer is sized from the
+    getters it replaces. DeepEP V2 and HybridEP results go to runtime/elastic.py and runtime/hybrid.py (options:
+    their own, e.g. force=True for V2). hidden/num_topk/num_experts, when given, are checked against the shapes
+    the results were tuned for. Applying again replaces the previous apply; nothing stacks. Returns what was
+    installed.
     """
+    module = next_gen(results)
+    if module is not None:
+        return module.apply(results, hidden=hidden, num_topk=num_topk, num_experts=num_experts, **options)
+    if options:
+        raise TypeError(f"apply() of DeepEP v1 results takes no {', '.join(options)}")
     global _state
     tuned = load_results(results)
     deep_ep_was_loaded = "deep_ep" in sys.modules
@@ -255,10 +277,15 @@ def apply(results: Results, *, hidden: Optional[int] = None, num_topk: Optional[
 
 
 def unapply() -> bool:
-    """Restore DeepEP's own getters and Buffer.num_sms. Returns whether anything was applied."""
+    """Restore DeepEP's own getters and Buffer.num_sms (and whatever a V2 or HybridEP apply changed). Returns
+    whether anything was applied."""
     global _state
+    undone = False
+    for name in ("deepep_tune.runtime.elastic", "deepep_tune.runtime.hybrid"):
+        if name in sys.modules:
+            undone = sys.modules[name].unapply() or undone
     if _state is None:
-        return False
+        return undone
     _uninstall(_state)
     _state = None
     return True

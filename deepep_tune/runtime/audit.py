@@ -47,6 +47,7 @@ from .apply import (
     apply_from_env,
     config_args,
     current,
+    next_gen,
     release_recorder,
 )
 
@@ -171,10 +172,12 @@ class Audit:
         return verdict(self.records, self.tuned())
 
 
-def audit(results: Optional[Results] = None, *, quiet: bool = False) -> Audit:
+def audit(results: Optional[Results] = None, *, quiet: bool = False) -> Any:
     """An audit to use as `with audit(path) as a:`; prints the verdict line on stderr when the block ends.
-    Without results it compares against what deepep_tune.apply has applied, if anything."""
-    return Audit(results, quiet=quiet)
+    Without results it compares against what deepep_tune.apply has applied, if anything. Results of DeepEP V2 or
+    HybridEP get that library's audit (the SM count each call used)."""
+    module = next_gen(results) if results is not None else None
+    return module.audit(results, quiet=quiet) if module is not None else Audit(results, quiet=quiet)
 
 
 def verdict(records: Iterable[CallRecord], tuned: Optional[TunedResults]) -> Verdict:
@@ -532,7 +535,7 @@ def start_from_env() -> Optional[Audit]:
     path = os.environ.get(AUDIT_ENV, "").strip()
     if not path or _env_audit is not None:
         return _env_audit
-    _env_audit = Audit(path, quiet=True).start()
+    _env_audit = audit(path, quiet=True).start()
     atexit.register(_print_at_exit, _env_audit)
     return _env_audit
 
