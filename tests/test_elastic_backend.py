@@ -205,3 +205,24 @@ def test_tuner_end_to_end_on_the_stand_in(tmp_path):
     meas = [x for x in log if "op" in x]
     assert meas and all(x["status"] == "ok" for x in meas)
     assert {x["num_sms"] for x in meas if x["op"] == "combine"} >= {8, 16, 24, 32, 48, 22, 20}
+
+
+def test_backend_errors_say_what_is_missing(tmp_path, monkeypatch):
+    """--backend deepep-v2 without V2, or with a V2 that refuses torch's NCCL: one line saying what to do."""
+    import types
+
+    from deepep_tune.tune.backends.elastic import import_v2
+    from deepep_tune.tune.setup import UsageError
+
+    monkeypatch.setitem(sys.modules, "deep_ep", types.ModuleType("deep_ep"))  # a v1 install: no ElasticBuffer
+    with pytest.raises(UsageError, match="has no ElasticBuffer: --backend deepep-v2 needs DeepEP main"):
+        import_v2()
+    for k in [k for k in sys.modules if k == "deep_ep" or k.startswith("deep_ep.")]:
+        monkeypatch.delitem(sys.modules, k)
+    pkg = tmp_path / "deep_ep"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise AssertionError('NCCL 2.28.9 is loaded, deep_ep was built with 2.30.7')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match=r"DeepEP V2 does not load \(NCCL 2.28.9 is loaded.*NCCL >= 2.30.4") as e:
+        import_v2()
+    assert "\n" not in str(e.value)

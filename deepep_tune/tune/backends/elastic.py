@@ -415,10 +415,25 @@ class ElasticBackend(Backend):
         self.buffer.destroy()
 
 
+def import_v2() -> Any:
+    """deep_ep with ElasticBuffer, or a one-line UsageError saying what is missing. V2's own import asserts that
+    torch loaded the very NCCL (>= 2.30.4) it was built with (deep_ep/__init__.py:46-68 @dd758ca)."""
+    try:
+        import deep_ep
+    except (ImportError, AssertionError, RuntimeError, OSError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"DeepEP V2 does not load ({why}): it needs NCCL >= 2.30.4, built into it and loaded by "
+                         "torch (source benchmarks/next_gen/env.sh v2; run under ng_with_v2_nccl)") from None
+    if not hasattr(deep_ep, "ElasticBuffer"):
+        raise UsageError(f"the installed deep_ep ({getattr(deep_ep, '__file__', '?')}) has no ElasticBuffer: "
+                         "--backend deepep-v2 needs DeepEP main (V2, since 2026-04; benchmarks/next_gen/README.md)")
+    return deep_ep
+
+
 def hardware_sms_cap(o: Any, ranks: Any) -> int:
     """All SMs of the local GPU (V2 asserts num_sms <= device SMs, buffer.hpp:979). One rank per GPU: V2 needs a
     NCCL communicator, and NCCL refuses two ranks on one GPU."""
-    import deep_ep
+    deep_ep = import_v2()
 
     if is_stand_in(deep_ep):
         return int(deep_ep.stand_in_device_sms())

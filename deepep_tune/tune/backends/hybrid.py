@@ -411,7 +411,7 @@ def create(o: Any, ranks: Any, decl: KnobSpace, sms_cap: int) -> tuple[HybridBac
 
     if not hasattr(deep_ep, "HybridEPBuffer"):
         raise UsageError("the installed deep_ep has no HybridEPBuffer: install DeepEP's hybrid-ep branch "
-                         "(benchmarks/next_gen/build.sh; source benchmarks/next_gen/env.sh hybrid)")
+                         "(benchmarks/next_gen/README.md; source benchmarks/next_gen/env.sh hybrid)")
     space, pruned = sweep_space(o, decl, ranks.world, sms_cap)
     dev = cpu_device() if cpu_mode() else cuda_device(ranks.local_rank)
     b = HybridBackend(o.shape, ranks.rank, ranks.world, buffer_group(dev), o.search.objective, dev, deep_ep,
