@@ -199,3 +199,14 @@ def test_layer_check_takes_the_preset_sizes_of_the_default_shape():
     odd = Options.of(backend="reference", layer_check=True, hidden=1024)
     assert layer_shape(odd) is None and "--moe-intermediate" in options_error(odd, 2)
     assert layer_sizes_source(Options.of(layer_check=True, moe_intermediate=64)) == "flags"
+
+
+@pytest.mark.slow
+def test_layer_check_says_which_sizes_it_used(tmp_path):
+    p = run_launch(["2", "quick", "--backend", "reference", "--num-tokens", "32", "--hidden", "256", "--num-topk", "2",
+                    "--num-experts", "8", "--iters", "1", "--warmup", "0", "--retime-rounds", "1", "--max-sms", "8",
+                    "--layer-check", "--moe-intermediate", "64", "--layer-rounds", "1", "--out-dir", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[layer] expert FFN 64, shared experts 0 x 0 (from flags)" in p.stdout
+    layer = json.load(open(tmp_path / "RESULTS_EP2_reference.json"))["layer_check"]
+    assert layer["sizes_from"] == "flags" and layer["shape"]["moe_intermediate"] == 64

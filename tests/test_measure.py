@@ -11,7 +11,7 @@ from deepep_tune.record.log import LogWriter, read_log
 from deepep_tune.tune.backends.base import Backend, LocalResult
 from deepep_tune.tune.backends.replay import ReplayBackend
 from deepep_tune.tune.measure import ContextLost, Measurer, MeasureSettings
-from deepep_tune.tune.timing import bench, reduce_samples
+from deepep_tune.tune.timing import bench_parts, reduce_samples
 
 PTS = [("dispatch", 8, 4, 128), ("dispatch", 8, 6, 128), ("combine", 8, 1, 128), ("combine", 8, 2, 128)]
 
@@ -46,8 +46,8 @@ def test_reduce_samples_sums_the_medians_of_the_parts():
 
 def test_bench_runs_warmup_and_iters_outside_timing():
     calls, flushes = [], []
-    samples = bench(lambda: calls.append(1), warmup=2, iters=3, timer=lambda fn: (fn(), 7.0)[1],
-                    before_each=lambda: flushes.append(1))
+    (samples,) = bench_parts([lambda: calls.append(1)], warmup=2, iters=3, timer=lambda fn: (fn(), 7.0)[1],
+                             before_each=lambda: flushes.append(1))
     assert samples == [7.0, 7.0, 7.0] and len(calls) == 5 and len(flushes) == 3
 
 

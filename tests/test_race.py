@@ -11,7 +11,7 @@ from deepep_tune.tune.backends.replay import ReplayBackend
 from deepep_tune.tune.measure import MeasureSettings, Measurer
 from deepep_tune.tune.options import Options, resume_error
 from deepep_tune.tune.race import RaceSettings
-from deepep_tune.tune.search import full_search, per_sms_table, pick, search_and_baselines, settle_rows
+from deepep_tune.tune.search import full_search, per_sms_table, search_and_baselines, settle_rows
 
 RACE = RaceSettings(iters=3, warmup=1, margin=0.10)
 
@@ -88,8 +88,10 @@ def test_racing_keeps_the_exact_optimum_and_costs_less(landscape):
     costs = {}
     for race in (RaceSettings(iters=0), RACE):
         backend, meas = _measurer(path, race)
-        best, _, _ = search_and_baselines(meas, backend.space(), "full", 2, None, None)
+        best, rows, _ = search_and_baselines(meas, backend.space(), "full", 2, None, None)
         assert (best.num_sms, best.dispatch, best.combine) == (opt[0], TuneConfig(*opt[1][1:]), TuneConfig(*opt[2][1:]))
+        # the pipeline settles every row of the table on full measurements
+        assert not any(meas.is_short(op, c) for r in rows for op, c in (("dispatch", r.dispatch), ("combine", r.combine)))
         costs[race.iters] = backend.modelled_us
     assert costs[3] < 0.7 * costs[0]
 

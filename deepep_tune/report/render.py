@@ -106,6 +106,10 @@ def layer_lines(layer: dict[str, Any] | None) -> list[str]:
     if "skipped" in layer:
         return [f"[layer] skipped: {layer['skipped']}", ""]
     out = [f"[layer] MoE layer forward + backward, {layer.get('rounds')} interleaved rounds ({layer.get('what', '')})"]
+    shape = layer.get("shape") or {}
+    if shape:
+        out.append(f"[layer] expert FFN {shape.get('moe_intermediate')}, shared experts {shape.get('num_shared_experts')}"
+                   f" x {shape.get('shared_intermediate')} (from {layer.get('sizes_from', 'flags')})")
     for sched, table in layer["schedules"].items():
         rows = [[name, layer.get("num_sms", {}).get(name), f"{v['median_ms']:.3f}", f"{v['p10_ms']:.3f}-{v['p90_ms']:.3f}",
                  v.get("speedup_vs_reference") and f"{v['speedup_vs_reference']:.3f}x" or "-"]

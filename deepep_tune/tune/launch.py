@@ -187,6 +187,35 @@ def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int
     return ranks, mode, argv, o, resume_path or ""
 
 
+class Torchrun:
+    """One torchrun at a time with its stderr relayed; Ctrl-C and SIGTERM go to it, and mute the relay."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.relay: StderrRelay | None = None
+        self.interrupted = False
+        signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGTERM, self.on_signal)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.interrupted = True
+        if self.relay is not None:
+            self.relay.muted = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    def run(self, cmd: list[str]) -> int:
+        print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
+        self.child = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        assert self.child.stderr is not None
+        self.relay = StderrRelay(os.dup(self.child.stderr.fileno()))
+        self.child.stderr.close()
+        self.relay.start()
+        rc = self.child.wait()
+        self.relay.join(timeout=5)
+        return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     # the ranks report their phases from here on (tune/run.py phases); a relaunch keeps the first start
     os.environ.setdefault(LAUNCHED_AT_ENV, repr(time.time()))
@@ -198,38 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "10"))
     args = ["--mode", mode, *flags]
     resume_hint = rerun_command(ranks, mode, flags, resume=path)
-    interrupted = False
-    child: subprocess.Popen | None = None
-    relay: StderrRelay | None = None
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
-        if relay is not None:
-            relay.muted = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    history = History()
-    t0 = time.time()
+    torchrun, history, t0 = Torchrun(), History(), time.time()
     while True:
-        cmd = torchrun_cmd(ranks, args)
-        print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
         busy = gpu_busy_marker(path)
         if os.path.exists(busy):  # left by an earlier run started with torchrun directly
             os.unlink(busy)
         sys.stderr.flush()
-        child = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-        assert child.stderr is not None
-        relay = StderrRelay(os.dup(child.stderr.fileno()))
-        child.stderr.close()
-        relay.start()
-        rc = child.wait()
-        relay.join(timeout=5)
+        rc = torchrun.run(torchrun_cmd(ranks, args))
         log = _log(path)
-        d = decide(rc, log, os.path.exists(busy), interrupted, history, retries, resume_hint)
+        d = decide(rc, log, os.path.exists(busy), torchrun.interrupted, history, retries, resume_hint)
         history = d.history
         if d.action == "done":
             if rc == 0:

@@ -63,11 +63,6 @@ def bench_parts(
     return samples
 
 
-def bench(fn: Callable[[], object], *, warmup: int, iters: int, timer: Timer,
-          before_each: Callable[[], object] | None = None) -> list[float]:
-    return bench_parts([fn], warmup=warmup, iters=iters, timer=timer, before_each=before_each)[0]
-
-
 @dataclass(frozen=True)
 class Reduced:
     """One measurement combined across ranks.

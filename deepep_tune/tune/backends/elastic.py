@@ -295,12 +295,6 @@ class ElasticBackend(Backend):
         same calls: the keys depend only on the sequence of configs, which all ranks share."""
         return None if key in self.first_call_s else self._call(key, fn)
 
-    def _any_rank(self, flag: bool) -> bool:
-        """flag on any rank (default group: the tuner's gloo control plane), so that all ranks act alike."""
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def _handle(self, num_sms: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """(handle, combine rows, combine weights) of a checked non-cached dispatch at num_sms, made once per
         num_sms. The combine inputs follow the handle's receive order (row i: the token recv_src_metadata[i, 0])."""
@@ -310,7 +304,7 @@ class ElasticBackend(Backend):
         err = check_dispatch(self.expected, self.expected_ids, self.max_tokens, self.workload.expert_alignment,
                              recv_x, recv_idx, recv_w, handle)
         # decided together: a rank that kept a handle while its peer made another dispatch would hang both
-        if self._any_rank(err is not None):
+        if any_rank(err is not None):
             raise RuntimeError(f"the dispatch at {num_sms} SMs that makes the combine's handle was wrong "
                                + (f"here: {err}" if err else "on another rank"))
         n = self.expected_ids.numel()
@@ -372,31 +366,10 @@ class ElasticBackend(Backend):
         return {"device_name": name, "num_devices": torch.cuda.device_count(), "colocated": False}
 
     def describe(self) -> dict[str, Any]:
-        common = {"colocated": False, "sms_cap": self.sms_cap, "deep_ep": self._version(),
-                  "theoretical_num_sms": dict(self.theoretical), "nvlink_gbs_x0.9": self.nvlink_gbs,
-                  "buffer_bytes": getattr(self.buffer, "num_bytes", None), "buffer_init_s": self.buffer_init_s,
-                  "num_max_tokens_per_rank": self.max_tokens,
-                  "jit_compile_s": self.jit_report,  # live: see __init__
-                  "jit_note": "host seconds of the first call of each kernel variant (kind@num_sms): a JIT "
-                              "compile, or a load from EP_JIT_CACHE_DIR when the variant was compiled before",
-                  "process_groups": f"ElasticBuffer on its own {'NCCL' if self.device.type == 'cuda' else 'gloo'} "
-                                    "group; tuner control on the default gloo group"}
-        if self.device.type != "cuda":
-            return {"device_name": f"CPU ({platform.processor() or platform.machine()}), deep_ep stand-in",
-                    "num_devices": 0, "device_sms": None, **common}
-        return {"device_name": torch.cuda.get_device_name(self.device), "num_devices": torch.cuda.device_count(),
-                "device_sms": torch.cuda.get_device_properties(self.device).multi_processor_count,
-                "driver": driver_version(), "cuda": torch.version.cuda, "nccl_loaded": loaded_nccl(),
-                "topology": nvidia_topology(), **common}
-
-    def _version(self) -> str:
-        v = f"deep_ep {getattr(self.deep_ep, '__version__', '?')} (V2 ElasticBuffer"
-        commit = os.environ.get("DEEPEP_V2_COMMIT")
-        return v + (f", commit {commit}" if commit else "") + f", {os.path.dirname(self.deep_ep.__file__)})"
+        return describe_v2(self)
 
     def all_to_all(self, w: Workload, warmup: int, iters: int) -> dict[str, Any]:
-        return {"skipped": "not wired for deepep-v2; NCCL's all-to-all of the same rows does not depend on the EP "
-                           "library: --backend deepep --baseline-a2a measures it"}
+        return {"skipped": "not wired for deepep-v2 (NCCL's all-to-all of the same rows: --backend deepep)"}
 
     def layer_check(self, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
                     warmup: int) -> dict[str, Any]:
@@ -413,6 +386,38 @@ class ElasticBackend(Backend):
     def close(self) -> None:
         self._sync()
         self.buffer.destroy()
+
+
+def any_rank(flag: bool) -> bool:
+    """flag on any rank (default group: the tuner's gloo control plane), so that all ranks act alike."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def describe_v2(self: ElasticBackend) -> dict[str, Any]:
+    """The V2 backend's hardware and software facts, for the results file."""
+    common = {"colocated": False, "sms_cap": self.sms_cap, "deep_ep": v2_version(self.deep_ep),
+              "theoretical_num_sms": dict(self.theoretical), "nvlink_gbs_x0.9": self.nvlink_gbs,
+              "buffer_bytes": getattr(self.buffer, "num_bytes", None), "buffer_init_s": self.buffer_init_s,
+              "num_max_tokens_per_rank": self.max_tokens,
+              "jit_compile_s": self.jit_report,  # live: see __init__
+              "jit_note": "host seconds of the first call of each kernel variant (kind@num_sms): a JIT "
+                          "compile, or a load from EP_JIT_CACHE_DIR when the variant was compiled before",
+              "process_groups": f"ElasticBuffer on its own {'NCCL' if self.device.type == 'cuda' else 'gloo'} "
+                                "group; tuner control on the default gloo group"}
+    if self.device.type != "cuda":
+        return {"device_name": f"CPU ({platform.processor() or platform.machine()}), deep_ep stand-in",
+                "num_devices": 0, "device_sms": None, **common}
+    return {"device_name": torch.cuda.get_device_name(self.device), "num_devices": torch.cuda.device_count(),
+            "device_sms": torch.cuda.get_device_properties(self.device).multi_processor_count,
+            "driver": driver_version(), "cuda": torch.version.cuda, "nccl_loaded": loaded_nccl(),
+            "topology": nvidia_topology(), **common}
+
+def v2_version(deep_ep: Any) -> str:
+    v = f"deep_ep {getattr(deep_ep, '__version__', '?')} (V2 ElasticBuffer"
+    commit = os.environ.get("DEEPEP_V2_COMMIT")  # the commit that was built (benchmarks/next_gen/run_v2.sh)
+    return v + (f", commit {commit}" if commit else "") + f", {os.path.dirname(deep_ep.__file__)})"
 
 
 def import_v2() -> Any:
