@@ -139,6 +139,14 @@ def _read(results: Results) -> tuple[Mapping[str, Any], str]:
     return data, source
 
 
+def read_results(path: str) -> dict[str, Any]:
+    """A whole results file as written; ValueError (one line) for a file that is not one."""
+    data, source = _read(path)
+    if not all(k in data for k in ("best", "ep_size", "hardware", "per_num_sms")):
+        raise ValueError(f"{source}: not a deepep-tune results file (no best/ep_size/hardware/per_num_sms)")
+    return dict(data)
+
+
 def library_of(results: Results) -> str:
     """The library a results file (or its dict) was tuned for; files written before other libraries are v1's."""
     data, _ = _read(results)

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from ..record.results import read_results
 from .render import optimal_configs_markdown
 
 
@@ -17,12 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="OPTIMAL_CONFIGS.md")
     a = ap.parse_args(argv)
     try:
-        results = []
-        for p in a.results:
-            with open(p) as f:
-                results.append((p, json.load(f)))
-        text = optimal_configs_markdown(results)
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+        text = optimal_configs_markdown([(p, read_results(p)) for p in a.results])
+    except (OSError, ValueError, KeyError) as e:
         print(f"error: cannot use {a.results}: {e}; pass RESULTS_*.json files written by deepep-tune", file=sys.stderr)
         return 2
     with open(a.out, "w") as f:
