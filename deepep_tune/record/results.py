@@ -60,19 +60,23 @@ class TunedResults:
         return self.dispatch.num_sms
 
 
+def _read(results: Results) -> tuple[Mapping[str, Any], str]:
+    if isinstance(results, Mapping):
+        return results, "<results dict>"
+    source = os.fspath(results)
+    with open(source) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a JSON results file ({e})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: not a deepep-tune results file (top level is not an object)")
+    return data, source
+
+
 def load_results(results: Results) -> TunedResults:
     """Read and validate a results file (path) or an already loaded dict. Raises ValueError with one line."""
-    if isinstance(results, Mapping):
-        data, source = results, "<results dict>"
-    else:
-        source = os.fspath(results)
-        with open(source) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}: not a JSON results file ({e})") from None
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: not a deepep-tune results file (top level is not an object)")
+    data, source = _read(results)
 
     def need(obj: Mapping[str, Any], key: str, where: str) -> Any:
         if key not in obj:
@@ -123,20 +127,6 @@ class TunedKnobs:
     objective: str = "forward"
     colocated: bool = False
     backend: Optional[str] = None
-
-
-def _read(results: Results) -> tuple[Mapping[str, Any], str]:
-    if isinstance(results, Mapping):
-        return results, "<results dict>"
-    source = os.fspath(results)
-    with open(source) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not a JSON results file ({e})") from None
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: not a deepep-tune results file (top level is not an object)")
-    return data, source
 
 
 def read_results(path: str) -> dict[str, Any]:

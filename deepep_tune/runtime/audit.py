@@ -31,7 +31,7 @@ import inspect
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -50,15 +50,20 @@ from .apply import (
     next_gen,
     release_recorder,
 )
+from .verdict import (  # noqa: F401
+    IN_EFFECT,
+    NO_CALLS,
+    NO_RESULTS,
+    NOT_IN_EFFECT,
+    PREFIX,
+    UNCONFIRMED,
+    Verdict,
+)
 
 AUDIT_ENV = "DEEPEP_TUNE_AUDIT"
 ALL_RANKS_ENV = "DEEPEP_TUNE_AUDIT_ALL_RANKS"
-PREFIX = "deepep-tune audit: "
 UNKNOWN = "unknown (built before the audit)"
 
-# Verdict statuses
-IN_EFFECT, NOT_IN_EFFECT, UNCONFIRMED, NO_CALLS, NO_RESULTS = (
-    "in effect", "NOT in effect", "unconfirmed", "no calls", "no results")
 
 
 @dataclass(frozen=True)
@@ -87,19 +92,6 @@ class CallRecord:
 
     def describe_config(self) -> str:
         return str(self.config) if self.config is not None else UNKNOWN
-
-
-@dataclass(frozen=True)
-class Verdict:
-    status: str
-    line: str
-    # Which parts are not in effect, keyed "num_sms", "dispatch", "combine", "buffer", "unknown", "missing",
-    # "failed"; each value is that part's text in the line.
-    parts: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def in_effect(self) -> bool:
-        return self.status == IN_EFFECT
 
 
 # ----------------------------------------------------------------------------------------------------------

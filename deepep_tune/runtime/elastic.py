@@ -43,10 +43,19 @@ import inspect
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ..record.results import Results, TunedKnobs, load_tuned
+from .verdict import (  # noqa: F401
+    IN_EFFECT,
+    NO_CALLS,
+    NO_RESULTS,
+    NOT_IN_EFFECT,
+    PREFIX,
+    UNCONFIRMED,
+    Verdict,
+)
 
 LIBRARY = "deepep-v2"
 APPLY_ENV = "DEEPEP_TUNE_APPLY"
@@ -55,29 +64,13 @@ SGLANG_ENV = "SGLANG_DEEPEP_V2_NUM_SMS"
 # The same marks as deepep_tune.runtime.apply: re-applying (even after this module was reloaded) unwraps.
 MARK = "__deepep_tune__"
 ORIGINAL = "__deepep_tune_original__"
-PREFIX = "deepep-tune audit: "
 
 # Verdict statuses (the same strings as deepep_tune.runtime.audit)
-IN_EFFECT, NOT_IN_EFFECT, UNCONFIRMED, NO_CALLS, NO_RESULTS = (
-    "in effect", "NOT in effect", "unconfirmed", "no calls", "no results")
 OPS = ("dispatch", "combine")
 
 
 class TunedConfigWarning(UserWarning):
     """The results may not fit this process, or part of them cannot be put into effect here."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Like deepep_tune.runtime.audit.Verdict: a status, one line, and the parts that are not in effect."""
-
-    status: str
-    line: str
-    parts: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def in_effect(self) -> bool:
-        return self.status == IN_EFFECT
 
 
 # ----------------------------------------------------------------------------------------------------------
