@@ -300,9 +300,9 @@ def options_error(o: Options, num_ranks: int) -> str | None:
         if err:
             return f"--layer-check: {err}"
     if o.search.backend in GPU_BACKENDS and importlib.util.find_spec("deep_ep") is None:
+        which = "" if o.search.backend == "deepep" else "; benchmarks/next_gen/README.md says what V2 and HybridEP need"
         return ("deep_ep is not importable: install DeepEP (github.com/deepseek-ai/DeepEP) for this torch, "
-                "or use --backend reference for a CPU dry run"
-                + ("; benchmarks/next_gen/README.md says what DeepEP V2 and HybridEP need" if o.search.backend != "deepep" else ""))
+                "or use --backend reference for a CPU dry run" + which)
     return None
 
 
