@@ -57,6 +57,7 @@ from .verdict import (  # noqa: F401
     NOT_IN_EFFECT,
     PREFIX,
     UNCONFIRMED,
+    AuditLifecycle,
     Verdict,
 )
 
@@ -107,7 +108,7 @@ def needed_nvl_bytes(op: str, config: ConfigArgs, num_ranks: int, shapes: Worklo
 # The audit
 
 
-class Audit:
+class Audit(AuditLifecycle):
     """Records DeepEP dispatch/combine calls while active. Use as a context manager or start()/stop()."""
 
     def __init__(self, results: Optional[Results] = None, *, quiet: bool = False) -> None:
@@ -118,25 +119,12 @@ class Audit:
         self.buffers: list[BufferRecord] = []
         self.active = False
 
-    # lifecycle
-    def start(self) -> "Audit":
-        if not self.active:
-            _activate(self)
-            self.active = True
-        return self
+    # lifecycle (start/stop, with: AuditLifecycle)
+    def _install(self) -> None:
+        _activate(self)
 
-    def stop(self) -> None:
-        if self.active:
-            self.active = False
-            _deactivate(self)
-
-    def __enter__(self) -> "Audit":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if not self.quiet:
-            print(self.verdict().line, file=sys.stderr, flush=True)
+    def _uninstall(self) -> None:
+        _deactivate(self)
 
     # data
     @property

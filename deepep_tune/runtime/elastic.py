@@ -54,6 +54,7 @@ from .verdict import (  # noqa: F401
     NOT_IN_EFFECT,
     PREFIX,
     UNCONFIRMED,
+    AuditLifecycle,
     Verdict,
 )
 
@@ -391,7 +392,7 @@ SOURCE_TEXT = {"explicit": "num_sms= passed by the caller", "theoretical": "Deep
                "applied": "filled by deepep_tune.apply", "forced": "forced by deepep_tune.apply"}
 
 
-class Audit:
+class Audit(AuditLifecycle):
     """Records ElasticBuffer dispatch/combine calls while active; context manager or start()/stop()."""
 
     library = LIBRARY
@@ -402,28 +403,15 @@ class Audit:
         self._calls: collections.Counter = collections.Counter()
         self.active = False
 
-    def start(self) -> "Audit":
-        if not self.active:
-            import deep_ep
-            cls = _buffer_class(deep_ep)
-            _active.append(self)
-            _ensure_call_wrappers(cls)
-            self.active = True
-        return self
+    def _install(self) -> None:
+        import deep_ep
+        cls = _buffer_class(deep_ep)
+        _active.append(self)
+        _ensure_call_wrappers(cls)
 
-    def stop(self) -> None:
-        if self.active:
-            self.active = False
-            _active.remove(self)
-            _release_call_wrappers()
-
-    def __enter__(self) -> "Audit":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if not self.quiet:
-            print(self.verdict().line, file=sys.stderr, flush=True)
+    def _uninstall(self) -> None:
+        _active.remove(self)
+        _release_call_wrappers()
 
     @property
     def records(self) -> list[tuple[CallRecord, int]]:

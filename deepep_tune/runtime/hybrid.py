@@ -47,6 +47,7 @@ from ..deepep.hybrid import ENV as ENV_OF
 from ..deepep.hybrid import HANDLE_FIELD as FIELD_OF
 from ..deepep.hybrid import SMS_FIELD as BUFFER_FIELD
 from ..record.results import Results, TunedKnobs, load_tuned
+from . import elastic
 from .elastic import (
     IN_EFFECT,
     MARK,
@@ -401,8 +402,9 @@ class CallRecord:
         return "the handle's config"
 
 
-class Audit:
-    """Records HybridEPBuffer calls (and buffers built) while active; context manager or start()/stop()."""
+class Audit(elastic.Audit):
+    """Records HybridEPBuffer calls (and buffers built) while active; context manager or start()/stop(). Its
+    records and used() are V2's audit's; hooks, buffers, tuned values and verdict are its own."""
 
     library = LIBRARY
 
@@ -414,41 +416,17 @@ class Audit:
         self.buffers: dict[int, BufferRecord] = {}
         self.active = False
 
-    def start(self) -> "Audit":
-        if not self.active:
-            import deep_ep
-            cls = _buffer_class(deep_ep)
-            _active.append(self)
-            _install_init(cls)
-            _ensure_call_wrappers(cls)
-            self.active = True
-        return self
+    def _install(self) -> None:
+        import deep_ep
+        cls = _buffer_class(deep_ep)
+        _active.append(self)
+        _install_init(cls)
+        _ensure_call_wrappers(cls)
 
-    def stop(self) -> None:
-        if self.active:
-            self.active = False
-            _active.remove(self)
-            _release_call_wrappers()
-            _release_init()
-
-    def __enter__(self) -> "Audit":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if not self.quiet:
-            print(self.verdict().line, file=sys.stderr, flush=True)
-
-    @property
-    def records(self) -> list[tuple[CallRecord, int]]:
-        return list(self._calls.items())
-
-    def used(self, op: str) -> list[int]:
-        c = collections.Counter()
-        for r, n in self._calls.items():
-            if r.op == op and not r.failed:
-                c[r.num_sms] += n
-        return [k for k, _ in c.most_common()]
+    def _uninstall(self) -> None:
+        _active.remove(self)
+        _release_call_wrappers()
+        _release_init()
 
     def tuned(self) -> Optional[tuple[int, dict[str, dict[str, int]]]]:
         if self._tuned is not None:

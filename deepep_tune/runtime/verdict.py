@@ -3,6 +3,7 @@ runtime/hybrid.py for V2 and HybridEP): a status, one line to print, and the par
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -22,3 +23,39 @@ class Verdict:
     @property
     def in_effect(self) -> bool:
         return self.status == IN_EFFECT
+
+
+class AuditLifecycle:
+    """start()/stop() and the context manager every library's audit shares (runtime/audit.py, elastic.py,
+    hybrid.py); a subclass says how it hooks into its library (_install/_uninstall) and gives verdict()."""
+
+    active = False
+    quiet = False
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def _uninstall(self) -> None:
+        raise NotImplementedError
+
+    def verdict(self) -> Verdict:
+        raise NotImplementedError
+
+    def start(self) -> "AuditLifecycle":
+        if not self.active:
+            self._install()
+            self.active = True
+        return self
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self._uninstall()
+
+    def __enter__(self) -> "AuditLifecycle":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if not self.quiet:
+            print(self.verdict().line, file=sys.stderr, flush=True)
