@@ -8,7 +8,7 @@ from _helpers import run_launch
 from deepep_tune.deepep.config import V1
 from deepep_tune.deepep.workload import Workload
 from deepep_tune.tune.backends.reference import REFERENCE_SMS_CAP
-from deepep_tune.tune.launch import torchrun_cmd
+from deepep_tune.tune.launch import rank_cmd, rank_env
 from deepep_tune.tune.options import (
     SECTIONS,
     Options,
@@ -262,13 +262,15 @@ def test_every_option_has_one_flag_and_its_default():
     assert {"--mode", "--num-tokens", "--iters", "--layer-check", "--out-dir", "--library"} <= flags
 
 
-def test_torchrun_cmd():
-    cmd = torchrun_cmd(4, ["--mode", "quick"])
-    assert "--standalone" in cmd
-    i = cmd.index("--nproc_per_node")
-    assert cmd[i + 1] == "4"
-    assert cmd[i + 2:i + 4] == ["-m", "deepep_tune.tune.rank"]
-    assert cmd[-2:] == ["--mode", "quick"]
+def test_rank_launch_matches_torchrun_contract():
+    """The launcher starts the rank module itself with the variables torchrun would set (tune/run.py reads them)."""
+    cmd = rank_cmd(["--mode", "quick"])
+    assert cmd[1:3] == ["-m", "deepep_tune.tune.rank"] and cmd[-2:] == ["--mode", "quick"]
+    env = rank_env(3, 4, 29500, base={"OMP_NUM_THREADS": "7"})
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("3", "3", "4", "4")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "29500")
+    assert env["OMP_NUM_THREADS"] == "7"  # a user's setting stands
+    assert rank_env(0, 2, 1, base={})["OMP_NUM_THREADS"] == "1"
 
 
 # --- model presets ----------------------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ def install_signal_handlers(rank: int) -> None:
 
     Two paths, because a signal goes to any thread that does not block it:
     - our threads block both signals (tune_singlenode.py blocks them before torch starts any thread), and
-      one of them takes them with sigwaitinfo, which names the sender. A signal from torchrun (our parent)
-      means a peer died or torchrun is shutting down, not the user: run.sh may then relaunch, and the config
+      one of them takes them with sigwaitinfo, which names the sender. A signal from our parent (run.sh's launcher, or
+      torchrun) means a peer died or the launcher is shutting down, not the user: run.sh may then relaunch, and the config
       in flight counts as crashed. Any other sender (a user's kill) marks the run as stopped on purpose.
     - threads that libraries start with their own mask (seen: CUDA's, on the GPU) can still take a signal.
       Python's C-level handler then runs there and writes to the wakeup fd; the sender is unknown, so only

@@ -1,12 +1,13 @@
-"""Supervisor behind run.sh: validate flags before any rank starts, launch the ranks with torchrun, and
+"""Supervisor behind run.sh: validate flags before any rank starts, launch one process per rank as torchrun would, and
 after a rank dies or hangs inside a measurement, relaunch with --resume so the sweep goes on (the
 resumed run records that config as failed). Bounded retries; Ctrl-C stops everything."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,7 +61,7 @@ class Decision:
 
 def decide(rc: int, log: LogContents | None, gpu_busy: bool, interrupted: bool, history: History,
            retries: int, resume_hint: str) -> Decision:
-    """What to do after torchrun exited with rc, from the log the ranks left and the launcher's own state."""
+    """What to do after the ranks exited with rc, from the log the ranks left and the launcher's own state."""
     def stop(code: int, msg: str) -> Decision:
         return Decision("stop", code, msg, history)
 
@@ -121,9 +122,9 @@ def _file_error(o: Options, ranks: int, resume_path: str | None) -> str | None:
 
 
 class StderrRelay(threading.Thread):
-    """Forwards torchrun's and the ranks' stderr until the user interrupts, and nothing after: torchrun's own
-    signal handling prints tracebacks that tell a user who pressed Ctrl-C nothing (the launcher prints one
-    line with the --resume command instead)."""
+    """Forwards a rank's stderr until the user interrupts, and nothing after: the tracebacks of an interrupted
+    process tell a user who pressed Ctrl-C nothing (the launcher prints one line with the --resume command
+    instead)."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(daemon=True)
@@ -136,9 +137,98 @@ class StderrRelay(threading.Thread):
         os.close(self.fd)
 
 
-def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
-    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", "--nproc_per_node", str(nproc), "-m", RANK_MODULE, *args]
+def rank_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", RANK_MODULE, *args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def rank_env(rank: int, world: int, port: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """torchrun's environment contract for a single-node rank, so tune/run.py cannot tell the two launches apart."""
+    env = dict(os.environ if base is None else base)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each start a thread per core
+    cache = bytecode_cache()
+    if cache:
+        env.setdefault("PYTHONPYCACHEPREFIX", cache)
+    return env
+
+
+def bytecode_cache() -> str | None:
+    """Where the ranks may keep compiled bytecode when torch's install holds none and cannot take any (a read-only
+    venv): there every rank compiled ~900 of torch's modules at each start, 1.9 s of its import on the H200 pair
+    (benchmarks/gpu_startup.sh). Found without importing torch; None where torch's own caches serve."""
+    spec = importlib.util.find_spec("torch")
+    where = list(spec.submodule_search_locations or []) if spec else []
+    if not where or os.path.isdir(os.path.join(where[0], "__pycache__")) or os.access(where[0], os.W_OK):
+        return None
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deepep-tune", "pycache")
+
+
+class LocalRanks:
+    """One process per rank on this node, as torchrun --standalone starts them, without torchrun's own interpreter
+    and torch import in front (4.5-5.7 s before any rank started on the H200 pair, benchmarks/gpu_startup.sh).
+    As torchrun: when one rank fails the others are stopped, and the exit code is the first failure's. Ctrl-C and
+    SIGTERM go to the ranks and mute the relay of their stderr."""
+
+    GRACE_S = 10.0  # after a rank failed: how long the others get to record it and exit before SIGKILL
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.relays: list[StderrRelay] = []
+        self.interrupted = False
+        signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGTERM, self.on_signal)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.interrupted = True
+        for relay in self.relays:
+            relay.muted = True
+        self._signal_all(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    def _signal_all(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def run(self, world: int, args: list[str]) -> int:
+        port, cmd = free_port(), rank_cmd(args)
+        print(f"[run] {world} ranks (torchrun's environment, port {port}): " + " ".join(cmd), file=sys.stderr,
+              flush=True)
+        self.procs, self.relays = [], []
+        for r in range(world):
+            p = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=rank_env(r, world, port))
+            assert p.stderr is not None
+            relay = StderrRelay(os.dup(p.stderr.fileno()))
+            p.stderr.close()
+            relay.start()
+            self.procs.append(p)
+            self.relays.append(relay)
+        rc = self._wait()
+        for relay in self.relays:
+            relay.join(timeout=5)
+        return rc
+
+    def _wait(self) -> int:
+        failed: int | None = None
+        deadline = None
+        while any(p.poll() is None for p in self.procs):
+            if failed is None:
+                failed = next((p.returncode for p in self.procs if p.returncode not in (None, 0)), None)
+                if failed is not None:  # a peer of a dead rank would wait in its next collective forever
+                    self._signal_all(signal.SIGTERM)
+                    deadline = time.time() + self.GRACE_S
+            elif deadline is not None and time.time() > deadline:
+                self._signal_all(signal.SIGKILL)
+                deadline = None
+            time.sleep(0.05)
+        codes = [p.returncode for p in self.procs]
+        return failed if failed is not None else next((c for c in codes if c), 0)
 
 
 def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int:
@@ -187,35 +277,6 @@ def preflight(argv: list[str]) -> tuple[int, str, list[str], Options, str] | int
     return ranks, mode, argv, o, resume_path or ""
 
 
-class Torchrun:
-    """One torchrun at a time with its stderr relayed; Ctrl-C and SIGTERM go to it, and mute the relay."""
-
-    def __init__(self) -> None:
-        self.child: subprocess.Popen | None = None
-        self.relay: StderrRelay | None = None
-        self.interrupted = False
-        signal.signal(signal.SIGINT, self.on_signal)
-        signal.signal(signal.SIGTERM, self.on_signal)
-
-    def on_signal(self, signum: int, _frame: object) -> None:
-        self.interrupted = True
-        if self.relay is not None:
-            self.relay.muted = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
-
-    def run(self, cmd: list[str]) -> int:
-        print("[run] " + " ".join(cmd), file=sys.stderr, flush=True)
-        self.child = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-        assert self.child.stderr is not None
-        self.relay = StderrRelay(os.dup(self.child.stderr.fileno()))
-        self.child.stderr.close()
-        self.relay.start()
-        rc = self.child.wait()
-        self.relay.join(timeout=5)
-        return rc
-
-
 def main(argv: list[str] | None = None) -> int:
     # the ranks report their phases from here on (tune/run.py phases); a relaunch keeps the first start
     os.environ.setdefault(LAUNCHED_AT_ENV, repr(time.time()))
@@ -227,15 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     retries = int(os.environ.get("DEEPEP_TUNE_RETRIES", "10"))
     args = ["--mode", mode, *flags]
     resume_hint = rerun_command(ranks, mode, flags, resume=path)
-    torchrun, history, t0 = Torchrun(), History(), time.time()
+    ranks_proc, history, t0 = LocalRanks(), History(), time.time()
     while True:
         busy = gpu_busy_marker(path)
-        if os.path.exists(busy):  # left by an earlier run started with torchrun directly
+        if os.path.exists(busy):  # left by an earlier run started with torchrun by hand
             os.unlink(busy)
         sys.stderr.flush()
-        rc = torchrun.run(torchrun_cmd(ranks, args))
+        rc = ranks_proc.run(ranks, args)
         log = _log(path)
-        d = decide(rc, log, os.path.exists(busy), torchrun.interrupted, history, retries, resume_hint)
+        d = decide(rc, log, os.path.exists(busy), ranks_proc.interrupted, history, retries, resume_hint)
         history = d.history
         if d.action == "done":
             if rc == 0:

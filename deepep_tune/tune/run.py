@@ -248,14 +248,15 @@ def phases(t0: float, t_setup: float, t_searched: float, t_measured: float, meas
 
 
 def _process_start() -> float | None:
-    """When this process started (Linux), to account for interpreter and import time."""
+    """When this process started (Linux), to account for interpreter and import time: its start in clock ticks
+    since boot, against the uptime now (both to 10 ms; the boot time in /proc/stat has whole seconds only)."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 
