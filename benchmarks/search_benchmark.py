@@ -11,7 +11,9 @@ train; forward replays any), mode and racing on/off:
   per-call noise drawn from the measured distribution (below);
 - regret = (true dispatch + combine time of the pick) / (optimum) - 1, where the optimum is the best
   (num_sms, dispatch, combine) of the whole landscape under the coupling rule: exact replay (no noise), and the
-  worst and mean over --seeds seeds of --noise relative noise per measurement (the replay backend's model).
+  worst and mean over --seeds seeds of --noise relative noise per call (normal, the replay backend's model).
+  The replay draws every config's calls from one stream per (seed, config), so racing's short pass and its
+  continuation see the very calls a run without racing sees: the columns differ only by what racing decides.
 
 Per-call noise: the committed H100 NVLink logs record, per measurement, the fastest and the slowest of its
 iterations on any rank around the median (min_us, max_us, time_us). A 10-iteration, 2-rank measurement holds

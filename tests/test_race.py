@@ -137,3 +137,51 @@ def test_racing_is_on_in_full_and_off_in_quick_by_default():
     assert race_iters("full", 10, None) == 3 and race_iters("quick", 10, None) == 0
     assert race_iters("quick", 10, 3) == 3  # asked for
     assert race_iters("full", 3, None) == 0 and race_iters("full", 2, 5) == 0  # never as long as the full pass
+
+
+def _noisy(path, race, prior=None, seed=5):
+    backend = ReplayBackend(str(path), V1, noise=0.03, seed=seed, objective="train")
+    return backend, Measurer(backend, MeasureSettings(warmup=2, iters=10, race=race), rank=0, log=None, prior=prior)
+
+
+def test_the_full_count_continues_the_short_pass(landscape):
+    """A contender's full measurement is its short pass plus the rest of the count: the same iterations, the same
+    time (replay draws common random numbers per config) as a run without racing, at fewer calls."""
+    path, _ = landscape
+    cfg = TuneConfig(16, 10, 256)
+    _, plain = _noisy(path, RaceSettings(iters=0))
+    b, raced = _noisy(path, RACE)
+    # (the log keeps the short pass's iterations to the nanosecond)
+    assert raced.time("dispatch", cfg) == pytest.approx(plain.time("dispatch", cfg), rel=1e-6)
+    short, full = [r for r in raced.records if V1.key_of(r) == ("dispatch", cfg)]
+    assert full["extends"] == {"seq": short["seq"], "iters": 3} and full["iters"] == 10
+    assert len(short["samples_us"]["dispatch"]) == 3
+    assert b.modelled_us == pytest.approx((1 + 3 + 0 + 7) * plain.backend.time_of("dispatch", cfg))
+    # a promoted config continues its short pass too, after a fresh warm-up
+    slow = TuneConfig(4, 32, 128)
+    raced.time("dispatch", slow)
+    assert raced.is_short("dispatch", slow)
+    assert raced.promote("dispatch", slow) == pytest.approx(plain.time("dispatch", slow), rel=1e-6)
+
+
+def test_a_resume_between_the_two_passes_continues_from_the_log(landscape):
+    path, _ = landscape
+    cfg = TuneConfig(16, 10, 256)
+    _, whole = _noisy(path, RACE)
+    want = whole.time("dispatch", cfg)
+    _, resumed = _noisy(path, RACE, prior=whole.records[:1])  # the run stopped after the short pass
+    assert resumed.time("dispatch", cfg) == pytest.approx(want, rel=1e-6)
+    assert resumed.reused == 1 and resumed.records[1]["extends"]["iters"] == 3
+
+
+def test_racing_with_noise_never_picks_worse_than_without(landscape):
+    """On common random numbers racing only drops configs; with 3 % noise per call none that could win is dropped,
+    so the pick is the no-racing pick on every seed."""
+    path, _ = landscape
+    for seed in range(4):
+        picks = []
+        for race in (RaceSettings(iters=0), RACE):
+            backend, meas = _noisy(path, race, seed=seed)
+            best, _, _ = search_and_baselines(meas, backend.space(), "full", 2, None, None)
+            picks.append((best.num_sms, best.dispatch, best.combine))
+        assert picks[0] == picks[1]

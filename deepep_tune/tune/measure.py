@@ -41,8 +41,11 @@ class MeasureSettings:
 
 
 def measurement_record(op: str, cfg: Knobs, tag: dict[str, Any], red: Reduced | None, iters: int | None,
-                       status: str, error: str | None, role: str | None, seq: int) -> dict[str, Any]:
-    """One log line per measurement, the only place its layout is written (red=None: it never finished)."""
+                       status: str, error: str | None, role: str | None, seq: int,
+                       extends: dict[str, int] | None = None) -> dict[str, Any]:
+    """One log line per measurement, the only place its layout is written (red=None: it never finished). A short
+    pass keeps its iterations (samples_us), so that its continuation, here or in a resumed run, can count them;
+    a continuation names the pass it extends, and its time and iters cover both passes."""
     def finite(x: float | None) -> float | None:
         return x if x is not None and math.isfinite(x) else None
 
@@ -56,7 +59,16 @@ def measurement_record(op: str, cfg: Knobs, tag: dict[str, Any], red: Reduced | 
     }
     if red is not None and len(red.parts_us) > 1:
         rec["parts_us"] = {k: finite(v) for k, v in red.parts_us.items()}
+    if red is not None and role == "short" and status == "ok":
+        rec["samples_us"] = {k: [round(x, 3) for x in v] for k, v in red.samples_us.items()}
+    if extends:
+        rec["extends"] = extends
     return rec
+
+
+def new_iterations(rec: dict[str, Any]) -> int:
+    """Iterations a record's measurement ran itself (a continuation's iters include the pass it extends)."""
+    return int(rec.get("iters") or 0) - int((rec.get("extends") or {}).get("iters", 0))
 
 
 def crashed_record(measure: dict[str, Any], seq: int, error: str, decl: KnobSpace) -> dict[str, Any]:
@@ -89,22 +101,25 @@ class Measurer:
         self.seq = seq or itertools.count(max((r.get("seq", 0) for r in prior or []), default=0) + 1)
         self.on_record = on_record
         self.race = Race(settings.race)
-        self.short_only: set[Key] = set()  # configs whose only observation is their short pass
+        self.short_only: dict[Key, dict[str, Any]] = {}  # configs whose only observation is their short pass
 
     # Oracle interface -------------------------------------------------------------------------
     def time(self, op: str, cfg: Knobs) -> float:
         key = (op, cfg)
         if not self.obs.get(key):
-            if not self.settings.race.on:
+            race = self.settings.race
+            if not race.on:
                 self._take(op, cfg, "search", self.settings.iters)
             else:
-                short = self._value(self._take(op, cfg, "short", self.settings.race.iters, self.settings.race.warmup))
+                rec = self._take(op, cfg, "short", race.iters, race.warmup)
+                short = self._value(rec)
                 if self.race.deserves_full(op, short):
-                    self._take(op, cfg, "search", self.settings.iters)
+                    # right after its short pass, with warm kernels: the full count continues that pass
+                    self._extend(op, cfg, rec, warmup=0)
                 else:  # cannot win (or failed, which is final): its short pass stands for it
                     self.obs[key].append(short)
                     if math.isfinite(short):
-                        self.short_only.add(key)
+                        self.short_only[key] = rec
         return mean_times({key: self.obs[key]})[key]
 
     def is_short(self, op: str, cfg: Knobs) -> bool:
@@ -115,10 +130,20 @@ class Measurer:
         """The full count for a config that only had a short pass (it turned out to be a row's best)."""
         key = (op, cfg)
         if key in self.short_only:
-            self.short_only.discard(key)
+            short = self.short_only.pop(key)
             self.obs[key].clear()
-            self._take(op, cfg, "search", self.settings.iters)
+            self._extend(op, cfg, short, warmup=self.settings.warmup)  # other configs ran since: warm it again
         return mean_times({key: self.obs[key]})[key]
+
+    def _extend(self, op: str, cfg: Knobs, short: dict[str, Any], warmup: int) -> dict[str, Any]:
+        """The rest of the full count after a short pass, its time taken over both passes' iterations (a log from
+        before continuations existed keeps no iterations: then a whole full pass)."""
+        samples = short.get("samples_us")
+        done = len(next(iter(samples.values()))) if samples else 0
+        if not done or done >= self.settings.iters:
+            return self._take(op, cfg, "search", self.settings.iters)
+        return self._take(op, cfg, "search", self.settings.iters - done, warmup,
+                          extends=({"seq": int(short["seq"]), "iters": done}, samples))
 
     def remeasure(self, op: str, cfg: Knobs) -> float:
         self.promote(op, cfg)  # a short pass never averages with full ones
@@ -147,16 +172,17 @@ class Measurer:
     def _value(rec: dict[str, Any]) -> float:
         return float(rec["time_us"]) if rec.get("status") == "ok" and rec.get("time_us") is not None else math.inf
 
-    def _take(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int | None = None) -> dict[str, Any]:
+    def _take(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int | None = None,
+              extends: tuple[dict[str, int], dict[str, list[float]]] | None = None) -> dict[str, Any]:
         key = (op, cfg)
         n = self.requests[key]
         self.requests[key] += 1
         if n < len(self.prior[key]):
             rec = self.prior[key][n]
             self.reused += 1
-            self.backend.reused(op, cfg)
+            self.backend.reused(op, cfg, new_iterations(rec))
         else:
-            rec = self._run(op, cfg, role, iters, self.settings.warmup if warmup is None else warmup)
+            rec = self._run(op, cfg, role, iters, self.settings.warmup if warmup is None else warmup, extends)
         self.records.append(rec)
         if role in ("search", "remeasure"):
             self.obs[key].append(self._value(rec))
@@ -170,7 +196,8 @@ class Measurer:
         if self.log is not None:
             self.log.write(rec)
 
-    def _run(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int) -> dict[str, Any]:
+    def _run(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int,
+             extends: tuple[dict[str, int], dict[str, list[float]]] | None = None) -> dict[str, Any]:
         if self.workload is not None:
             self.backend.use(self.workload)
         seq = next(self.seq)
@@ -201,7 +228,11 @@ class Measurer:
             status = "error" if any(s == "error" for _, s, _ in failed) else "wrong"
             error = "; ".join(f"rank {r}: {e}" for r, _, e in failed)
             lost = any(x[2] for x in errors)
-        rec = measurement_record(op, cfg, self.tag, red, iters, status, error, role, seq)
+        if extends is not None and status == "ok":
+            red = red.after(extends[1])
+            iters += extends[0]["iters"]
+        rec = measurement_record(op, cfg, self.tag, red, iters, status, error, role, seq,
+                                 extends[0] if extends is not None and status == "ok" else None)
         self._write(rec)
         if lost:
             raise ContextLost(f"{op} at {cfg} left the GPU unusable ({error}); restart with --resume")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -31,11 +31,14 @@ class CudaEventTimer:
     def __init__(self) -> None:
         self.start = torch.cuda.Event(enable_timing=True)
         self.end = torch.cuda.Event(enable_timing=True)
+        # the stream, looked up once: Event.record() looks it up at every call (27 us each on the H200 pair, 2 per
+        # timed call, benchmarks/profile_rank.py); nothing the tuner times switches streams
+        self.stream = torch.cuda.current_stream()
 
     def __call__(self, fn: Callable[[], object]) -> float:
-        self.start.record()
+        self.start.record(self.stream)
         fn()
-        self.end.record()
+        self.end.record(self.stream)
         self.end.synchronize()
         return self.start.elapsed_time(self.end) * 1e3
 
@@ -82,6 +85,17 @@ class Reduced:
     max_us: float  # slowest sample on any rank
     rank0_median_us: float
     failed_ranks: int
+    samples_us: dict[str, list[float]] = field(default_factory=dict)  # per part: each iteration's slowest rank
+
+    def after(self, earlier: dict[str, list[float]]) -> "Reduced":
+        """This measurement as the continuation of an earlier one of the same config (racing's short pass): each
+        part's time is the median over both passes' iterations, as if one measurement had taken them all. The
+        rank statistics stay this pass's own."""
+        if self.failed_ranks or set(earlier) != set(self.samples_us):
+            return self
+        samples = {n: [*earlier[n], *self.samples_us[n]] for n in self.samples_us}
+        parts_us = {n: statistics.median(v) for n, v in samples.items()}
+        return replace(self, time_us=sum(parts_us.values()), parts_us=parts_us, samples_us=samples)
 
 
 def reduce_samples(parts: dict[str, list[float]], names: tuple[str, ...], failed: bool, iters: int,
@@ -102,7 +116,8 @@ def reduce_samples(parts: dict[str, list[float]], names: tuple[str, ...], failed
     if nfailed:
         return Reduced(inf, {n: inf for n in names}, inf, inf, inf, inf, nfailed)
     per_part = table[:, :-1].reshape(table.shape[0], len(names), iters)  # [rank, part, iteration]
-    parts_us = {n: statistics.median(per_part[:, i].max(dim=0).values.tolist()) for i, n in enumerate(names)}
+    samples_us = {n: per_part[:, i].max(dim=0).values.tolist() for i, n in enumerate(names)}
+    parts_us = {n: statistics.median(v) for n, v in samples_us.items()}
     totals = per_part.sum(dim=1)  # [rank, iteration]
     medians = totals.median(dim=1).values  # torch's median is the lower middle value for even counts
     return Reduced(
@@ -113,6 +128,7 @@ def reduce_samples(parts: dict[str, list[float]], names: tuple[str, ...], failed
         max_us=float(totals.max()),
         rank0_median_us=float(medians[0]),
         failed_ranks=0,
+        samples_us=samples_us,
     )
 
 

@@ -91,8 +91,9 @@ class Backend(ABC):
         """False for a config this backend cannot answer at all (a replayed landscape may lack it)."""
         return True
 
-    def reused(self, op: str, cfg: Knobs) -> None:
-        """A resumed run took this measurement from its log instead of asking the backend."""
+    def reused(self, op: str, cfg: Knobs, iters: int) -> None:
+        """A resumed run took this measurement (of `iters` timed iterations) from its log instead of asking the
+        backend."""
 
     def all_to_all(self, w: Workload, warmup: int, iters: int) -> dict[str, Any]:
         return {"skipped": f"the {self.name} backend moves no tokens"}

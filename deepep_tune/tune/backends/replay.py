@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import Counter
 from typing import Any, Sequence
 
 from ...deepep.workload import Workload
@@ -19,15 +18,17 @@ class ReplayBackend(Backend):
 
     def __init__(self, path: str, decl: KnobSpace, noise: float = 0.0, seed: int = 0, objective: str = "train",
                  call_noise: Sequence[float] | None = None) -> None:
-        """noise: one relative draw per measurement (every iteration alike). call_noise: relative deviations to draw
-        from for every single call instead (a measured distribution), so a short pass is as noisy as it would be
-        on the GPU; modelled_us then adds up the GPU time of every call, warm-up included."""
+        """Every timed call gets its own relative deviation: a normal draw with standard deviation `noise`, or, with
+        call_noise, a draw from those measured deviations. The draws of a config form one stream seeded by (seed, op,
+        config), so its k-th call deviates alike whether it ran in one pass or in a short pass and its
+        continuation, with or without a resume in between: search modes compare on common random numbers.
+        modelled_us adds up the GPU time of every call, warm-up included."""
         self.path, self.noise, self.seed, self.objective = path, noise, seed, objective
         self.call_noise = list(call_noise) if call_noise else None
         self.modelled_us = 0.0
         self.knob_space = decl
         self.records = read_landscape(path, decl)
-        self.calls: Counter[tuple[str, Knobs]] = Counter()
+        self.streams: dict[tuple[str, Knobs], random.Random] = {}
         self.prepare(None)
 
     def prepare(self, workload: Workload | None) -> None:
@@ -57,9 +58,23 @@ class ReplayBackend(Backend):
         """The recorded (noise-free) time of op at cfg under this objective."""
         return sum(self.times[(op, cfg)].values())
 
-    def reused(self, op: str, cfg: Knobs) -> None:
-        """A resumed run took this answer from its log: count it, so later draws match an uninterrupted run."""
-        self.calls[(op, cfg)] += 1
+    def reused(self, op: str, cfg: Knobs, iters: int) -> None:
+        """A resumed run took this answer from its log: draw past its calls, so later draws match an uninterrupted
+        run."""
+        if (op, cfg) in self.times:
+            self._deviations(op, cfg, iters)
+
+    def _deviations(self, op: str, cfg: Knobs, iters: int) -> list[list[float]]:
+        """The next `iters` calls' relative deviations, one per part per call."""
+        parts = len(self.times[(op, cfg)])
+        if not (self.noise or self.call_noise):
+            return [[0.0] * parts for _ in range(iters)]
+        rng = self.streams.get((op, cfg))
+        if rng is None:
+            rng = self.streams[(op, cfg)] = random.Random(hashlib.sha256(f"{self.seed}|{op}|{cfg}".encode()).digest())
+        pool = self.call_noise
+        return [[rng.choice(pool) if pool else self.noise * rng.gauss(0.0, 1.0) for _ in range(parts)]
+                for _ in range(iters)]
 
     def measure(self, op: str, cfg: Knobs, warmup: int, iters: int) -> LocalResult:
         key = (op, cfg)
@@ -68,19 +83,9 @@ class ReplayBackend(Backend):
         parts = dict(self.times[key])
         if any(math.isinf(t) for t in parts.values()):
             raise RuntimeError(f"{op} at {cfg} failed when the landscape was recorded")
-        self.calls[key] += 1
         self.modelled_us += (warmup + iters) * sum(parts.values())
-        if self.call_noise:
-            rng = random.Random(hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}|calls".encode()).digest())
-            return LocalResult({n: [t * (1.0 + rng.choice(self.call_noise)) for _ in range(iters)]
-                                for n, t in parts.items()})
-        if self.noise:
-            # Seeded by the point and its call count: identical on every rank, different per repeat.
-            digest = hashlib.sha256(f"{self.seed}|{op}|{cfg}|{self.calls[key]}".encode()).digest()
-            factor = 1.0 + self.noise * random.Random(digest).gauss(0.0, 1.0)
-            parts = {n: t * factor for n, t in parts.items()}
-        # one answer per measurement; the reduction expects `iters` samples per part
-        return LocalResult({n: [t] * iters for n, t in parts.items()})
+        devs = self._deviations(op, cfg, iters)
+        return LocalResult({n: [t * (1.0 + d[i]) for d in devs] for i, (n, t) in enumerate(parts.items())})
 
     def describe(self) -> dict[str, Any]:
         return {"device_name": f"replay of {self.path}", "colocated": False, "num_devices": 0, "device_sms": None,
