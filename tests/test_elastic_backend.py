@@ -13,6 +13,7 @@ from _helpers import ROOT, SUBPROCESS_TIMEOUT, read_jsonl, subprocess_env
 from deepep_tune.deepep.elastic import DOCUMENTED_MODEL_SMS, FALLBACK_SMS, V2
 from deepep_tune.knobs import load_library
 from deepep_tune.tune.backends.elastic import theoretical_sms
+from deepep_tune.tune.layer import round_order
 
 FAKE = os.path.join(ROOT, "tests", "fake_v2")
 JIT_S = 0.05  # the stand-in's "compile" time for each new (kind, num_sms)
@@ -178,6 +179,85 @@ def test_a_wrong_handle_fails_every_rank_alike(ranks):
 def test_v2s_host_check_raises(ranks):
     for r in ranks:
         assert r["too_many_sms"]["status"] == "raised" and "num_sms <=" in r["too_many_sms"]["error"]
+
+
+# --- the MoE layer check on V2 (tests/fake_v2/layer_worker.py) -------------------------------------------------
+LAYER_JIT_S = 0.3  # long enough that a compile inside a timed round would show in its wall-clock time
+
+
+@pytest.fixture(scope="module")
+def layer_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elastic_layer")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(FAKE, "layer_worker.py"), str(out)]
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([FAKE, ROOT]), FAKE_V2_JIT_S=str(LAYER_JIT_S))
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+LAYER_CANDS = {"pick": (16, 24), "other": (32, 32)}  # (dispatch num_sms, combine num_sms), as layer_worker.py
+LAYER_SCHEDULES = ("sequential", "overlap", "forward_only")
+
+
+def v2_step_calls(d, c, sched):
+    """One layer step on V2: forward dispatch and combine, then backward the combine's gradient (cached dispatch)
+    and the dispatch's gradient (combine), each with its op's num_sms."""
+    fwd = [["dispatch", d], ["combine", c]]
+    return fwd if sched == "forward_only" else fwd + [["cached_dispatch", d], ["combine", c]]
+
+
+def test_layer_check_runs_on_v2(layer_ranks):
+    res = layer_ranks[0]["result"]
+    assert layer_ranks[1]["result"] == res  # every rank reports the same reduced numbers
+    assert res["library"] == "deepep-v2" and set(res["calls"]) == {"dispatch", "combine", "combine_backward",
+                                                                   "dispatch_backward"}
+    assert set(res["schedules"]) == set(LAYER_SCHEDULES) and "schedules_not_run" not in res  # V2 overlaps
+    for table in res["schedules"].values():
+        assert set(table) == {"pick", "other"} and all(len(row["rounds"]) == 2 for row in table.values())
+    assert res["num_sms"] == {"pick": 24, "other": 32}  # the larger of the ops' counts: SMs taken from the GEMMs
+    assert "num_sms=134 exceeds 64 SMs" in res["skipped_candidates"]["too_many"]
+    ref = res["reference_check"]
+    assert ref["wrong"] == [] and "note" not in res and res["output_spread"] < 1e-2
+    assert set(ref["errors"]["pick"]) >= {"out", "grad_x", "grad_topk_weights", "grad_w1", "grad_w3", "grad_w2"}
+    assert max(max(e.values()) for e in ref["errors"].values()) < 1e-3
+
+
+def test_layer_candidates_sms_reach_v2s_calls(layer_ranks):
+    """Every V2 call of the layer check, in order: each candidate's first step (before any round), the warm-up
+    rounds, then the rotated timed rounds; the reference pass makes no V2 call."""
+    units = [(sched, name) for sched in LAYER_SCHEDULES for name in LAYER_CANDS]
+    steps = [("sequential", n) for n in LAYER_CANDS] + units * 2 + [u for r in range(2) for u in round_order(units, r)]
+    want = [call for sched, name in steps for call in v2_step_calls(*LAYER_CANDS[name], sched)]
+    for r in layer_ranks:
+        assert r["calls"] == want
+
+
+def test_layer_compiles_stay_out_of_v2s_rounds(layer_ranks):
+    res = layer_ranks[0]["result"]
+    for name in LAYER_CANDS:  # three new kernels each: dispatch, cached dispatch and combine at new SM counts
+        assert res["first_call_s"][name] >= 3 * LAYER_JIT_S
+    assert res["warmup"] == 2  # the worker asked for 1: a JIT library gets at least two
+    assert max(t for table in res["schedules"].values() for row in table.values() for t in row["rounds"]) \
+        < 1e3 * LAYER_JIT_S
+
+
+def test_layer_check_catches_a_wrong_v2_output(layer_ranks):
+    """One candidate, wrong on rank 0 in every call: no other candidate disagrees (output_spread 0), only the
+    reference check sees it."""
+    for r in layer_ranks:
+        for key, wrong in (("wrong_combine", ("out", "grad_x")), ("wrong_dispatch", ("out", "grad_topk_weights"))):
+            res = r[key]
+            assert res["output_spread"] == 0.0
+            assert res["reference_check"]["wrong"] == ["pick"] and "against the reference" in res["note"]
+            assert all(res["reference_check"]["errors"]["pick"][k] > 0.1 for k in wrong)
+
+
+def test_v2_schedules_place_the_combine_wait(layer_ranks):
+    """The forward combine is asynchronous (the stand-in asserts a wait on a synchronous call): sequential waits
+    before the shared experts, overlap runs them first."""
+    for r in layer_ranks:
+        assert r["schedule_order"] == {"sequential": ["wait_combine", "shared"], "overlap": ["shared", "wait_combine"]}
 
 
 # --- the tuner end to end: what the launcher starts on every rank ----------------------------------------------

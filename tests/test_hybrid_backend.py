@@ -23,6 +23,7 @@ from deepep_tune.deepep.hybrid import (
 )
 from deepep_tune.deepep.workload import Workload
 from deepep_tune.knobs import OPS, load_library
+from deepep_tune.tune.layer import round_order
 
 FAKE = os.path.join(ROOT, "tests", "fake_hybrid")
 DSV3 = Workload()  # hidden 7168, top-8 of 256
@@ -174,6 +175,19 @@ def test_jit_compiles_are_timed_apart(reports):
         assert first["dispatch (16, 128, 14)"] < 0.3
 
 
+def test_new_configs_are_warm_before_timed_calls(reports):
+    """The stand-in's first 2 launches of a just-compiled kernel take 0.25 s each. Of a new dispatch config's three
+    slow launches left after its first calls (one of the dispatch with probs, two of the cached dispatch) none is
+    timed: they run in the post-compile warm-up, which is reported apart; a second measurement warms nothing."""
+    for r in reports:
+        assert r["cold"]["error"] is None and r["cold"]["max_us"] < 0.25e6
+        warm = r["describe"]["hybridep_post_compile_warmup_s"]
+        assert warm["dispatch (32, 64, 14)"] >= 3 * 0.25
+        assert set(warm) == set(r["describe"]["hybridep_first_call_s"])  # once per new config, no more
+        assert r["describe"]["hybridep_first_call_total"]["post_compile_warmup_s"] >= 0.75
+        assert r["cold_again"]["max_us"] < 0.25e6
+
+
 def test_describe_and_environment(reports):
     for r in reports:
         d = r["describe"]
@@ -185,6 +199,87 @@ def test_describe_and_environment(reports):
         assert r["env_after_close"] == {"NUM_OF_TOKENS_PER_CHUNK_DISPATCH_API": "32", "NUM_OF_STAGES_DISPATCH_API": None,
                                         "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API": None,
                                         "NUM_OF_STAGES_G2S_COMBINE_API": None}
+
+
+# --- the MoE layer check on HybridEP (tests/fake_hybrid/layer_worker.py) ---------------------------------------
+@pytest.fixture(scope="module")
+def layer_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid_layer")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(FAKE, "layer_worker.py"), str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+
+
+# (dispatch (num_sms, chunk, stages), combine (num_sms, chunk, g2s stages)), as layer_worker.py
+LAYER_CANDS = {"pick": ((16, 128, 14), (8, 64, 12)), "titan": ((16, 64, 10), (16, 64, 10))}
+LAYER_JIT_S = 0.3  # layer_worker.py: a compile, and each of the 2 slow launches after it
+
+
+def hybrid_step_launches(d, c, sched):
+    """One layer step's kernels: the forward dispatch (with probs) and combine, then backward the combine's
+    gradient (a cached dispatch, no probs) and the dispatch's (a combine that reduces probs): all at the
+    candidate's settings, which the handle carries."""
+    fwd = [["dispatch", *d, True], ["combine", *c, False]]
+    return fwd if sched == "forward_only" else fwd + [["dispatch", *d, False], ["combine", *c, True]]
+
+
+def test_layer_check_runs_on_hybridep(layer_reports):
+    res = layer_reports[0]["result"]
+    assert layer_reports[1]["result"] == res
+    assert res["library"] == "hybridep"
+    # no async combine in HybridEP: the overlap schedule is not faked, and the result says why
+    assert set(res["schedules"]) == {"sequential", "forward_only"}
+    assert "returns no event" in res["schedules_not_run"]["overlap"]
+    assert res["num_sms"] == {"pick": 16, "titan": 16}
+    assert "num_sms=64 exceeds the device's 32 SMs" in res["skipped_candidates"]["too_many"]
+    assert res["reference_check"]["wrong"] == [] and "note" not in res
+    assert max(max(e.values()) for e in res["reference_check"]["errors"].values()) < 1e-3
+
+
+def test_layer_candidates_settings_reach_hybridep_kernels(layer_reports):
+    units = [(sched, name) for sched in ("sequential", "forward_only") for name in LAYER_CANDS]
+    steps = [("sequential", n) for n in LAYER_CANDS] + units * 2 + [u for r in range(2) for u in round_order(units, r)]
+    want = [k for sched, name in steps for k in hybrid_step_launches(*LAYER_CANDS[name], sched)]
+    for r in layer_reports:
+        assert r["launches"] == want
+
+
+def test_layer_rounds_wait_until_new_configs_are_warm(layer_reports):
+    """Compiles and the slow launches after them happen before the timed rounds (the worker asked for no
+    warm-up): every timed step is faster than one slow launch."""
+    res = layer_reports[0]["result"]
+    assert all(res["first_call_s"][n] >= LAYER_JIT_S for n in LAYER_CANDS)
+    assert res["warmup"] == 2
+    assert max(t for table in res["schedules"].values() for row in table.values() for t in row["rounds"]) \
+        < 1e3 * LAYER_JIT_S
+
+
+def test_layer_chunk_reallocations_stay_out_of_the_timed_step(layer_reports):
+    """The candidates' dispatch chunks differ (128, 64): the buffer re-allocates between them, always in the
+    untimed activate(), never inside a step's dispatch."""
+    for r in layer_reports:
+        changed = [inside for was_changed, inside in r["reallocations"] if was_changed]
+        assert len(changed) >= 4 and not any(changed)
+
+
+def test_layer_check_catches_wrong_hybridep_rows(layer_reports):
+    for r in layer_reports:
+        res = r["wrong_dispatch"]
+        assert res["output_spread"] == 0.0  # one candidate: only the reference check can see it
+        assert res["reference_check"]["wrong"] == ["pick"] and "against the reference" in res["note"]
+        assert res["reference_check"]["errors"]["pick"]["out"] > 0.1
+
+
+def test_layer_check_says_when_hybridep_ran_other_settings(layer_reports):
+    """HybridEP lowers stages that do not fit shared memory: the candidate's handle then carries other settings,
+    and the layer check reports its timings as those of another config."""
+    for r in layer_reports:
+        res = r["stages_lowered"]
+        why = res["knobs_not_in_effect"]["lowered"]
+        assert "num_of_stages_dispatch_api" in why and "requested 14" in why
+        assert "did not run the settings asked for" in res["note"]
 
 
 # --- the whole tuner on CPU ------------------------------------------------------------------------------------

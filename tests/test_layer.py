@@ -15,12 +15,14 @@ from deepep_tune.deepep.workload import LayerShape
 from deepep_tune.deepep.workload import layer_shape_error as shape_error
 from deepep_tune.tune.layer import (
     GROUP_ALIGN,
+    VERIFY_TOLERANCE,
     MoELayer,
     candidate_error,
     dense_ffn,
     full_weights,
     reduce_rounds,
     round_order,
+    row_error,
 )
 
 SHAPE = LayerShape(num_tokens=16, hidden=32, num_topk=2, num_experts=8, moe_intermediate=16)
@@ -96,6 +98,40 @@ def test_local_experts_are_the_global_ones():
     for rank in range(2):
         layer = MoELayer(SHAPE, rank, 2, torch.device("cpu"), torch.bfloat16, seed=5)
         assert torch.equal(layer.w1, w1[rank * 4:(rank + 1) * 4]) and torch.equal(layer.w2, w2[rank * 4:(rank + 1) * 4])
+
+
+def test_row_error_sees_one_wrong_row_among_many():
+    """The reference check's metric: bf16 rounding stays far below the tolerance, one wrong row of 4096 does not
+    (a relative norm would dilute it to ~1/64)."""
+    torch.manual_seed(0)
+    want = torch.randn(4096, 64)
+    assert row_error(want.to(torch.bfloat16), want) < 1e-2
+    got = want.clone()
+    got[1234] = want[3210]
+    assert row_error(got, want) > 10 * VERIFY_TOLERANCE
+    assert row_error(got[:-1], want) == 1e9  # a lost row: shapes differ
+
+
+class _NoOverlapComm:
+    """A library whose combine cannot run beside the compute stream; records any call made."""
+
+    no_overlap = "no event to wait on"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.calls.append(name)
+
+
+def test_overlap_is_not_faked_for_a_library_that_cannot():
+    layer = MoELayer(SHAPE, 0, 2, torch.device("cpu"), torch.bfloat16, seed=1)
+    comm = _NoOverlapComm()
+    x = torch.zeros(SHAPE.num_tokens, SHAPE.hidden, dtype=torch.bfloat16)
+    idx = torch.zeros(SHAPE.num_tokens, SHAPE.num_topk, dtype=torch.int64)
+    with pytest.raises(ValueError, match="no overlap schedule: no event to wait on"):
+        layer.run(x, idx, torch.ones(SHAPE.num_tokens, SHAPE.num_topk), comm, "overlap")
+    assert comm.calls == []  # refused before any collective call
 
 
 # --- under torchrun: layer vs the plain reference, and layer_check ----------------------------------------------
@@ -185,3 +221,26 @@ def test_layer_check_flags_a_config_that_changes_the_output(reports):
     for rep in reports:
         assert rep["faulty"]["output_spread"] > 1e-2
         assert rep["faulty"]["note"] and "suspect" in rep["faulty"]["note"]
+
+
+def test_layer_candidates_come_from_the_library_declaration():
+    """Each library names the baselines its layer check times (the first is the speed-up reference): v1's as
+    shipped, V2's model choices, HybridEP's defaults; a skipped baseline stays out."""
+    from deepep_tune.deepep.config import V1
+    from deepep_tune.deepep.elastic import V2
+    from deepep_tune.deepep.hybrid import HYBRID
+    from deepep_tune.tune.search import SmsRow
+    from deepep_tune.tune.verdicts import layer_candidates
+
+    assert V1.layer_baselines[0] == "deepep_default_20sms"
+    assert V2.layer_baselines == ("v2_model_overlap", "v2_model_no_overlap")
+    assert HYBRID.layer_baselines[0] == "hybridep_default"
+    facts = {"theoretical_num_sms": {"overlap": 22, "no_overlap": 64}}
+    bases = V2.baselines(2, 132, facts)
+    assert {b.name for b in bases} >= set(V2.layer_baselines)
+    pick = V2.config("dispatch", 132)
+    answer = SmsRow(132, pick, 500.0, V2.config("combine", 132), 480.0)
+    bases[1].skipped = "num_sms 64 exceeds this run's limit"
+    cands = layer_candidates(answer, [answer], bases, V2.layer_baselines)
+    assert list(cands) == ["pick", bases[0].name] and bases[0].name == "v2_model_overlap"
+    assert cands["v2_model_overlap"] == (bases[0].dispatch, bases[0].combine)

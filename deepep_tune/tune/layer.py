@@ -1,17 +1,20 @@
-"""One MoE layer, forward + backward, on real DeepEP (GPU) or the ReferenceBuffer (CPU), timed for several
-candidate (dispatch, combine) configs interleaved round by round.
+"""One MoE layer, forward + backward, on real DeepEP v1 (GPU), the ReferenceBuffer (CPU), DeepEP V2's ElasticBuffer
+or HybridEP's HybridEPBuffer, timed for several candidate (dispatch, combine) configs interleaved round by round.
 
-The layer follows torchtitan's v1-era DeepEP integration (torchtitan/distributed/deepep/deepep.py before
-756213e, from PRs #2107, #2296, #2310):
-- forward: get_dispatch_layout, a non-cached dispatch, routed experts, a combine;
+The layer follows torchtitan's DeepEP integration (torchtitan/distributed/deepep/deepep.py: v1 before 756213e,
+from PRs #2107, #2296, #2310; V2 at b5bcd76):
+- forward: a non-cached dispatch, routed experts, a combine;
 - backward: the gradient of dispatch is a combine of the received-row gradients (carrying the top-k weight
   gradients), the gradient of combine is a cached dispatch of the output gradient with the forward's handle;
-- every call passes previous_event=capture(), async_finish=True, allocate_on_comm_stream=True and then waits,
-  except the forward combine: its wait is deferred so shared experts run while DeepEP combines ("overlap";
-  torchtitan's sync_combine). "sequential" waits at once, then runs the shared experts.
+- the forward combine's wait is deferred so shared experts run while the library combines ("overlap";
+  torchtitan's sync_combine); "sequential" waits at once, then runs the shared experts. A library whose combine
+  cannot run beside the compute stream (HybridEP) has no "overlap" schedule, and the result says why;
 - routed experts: tokens permuted into expert order, torch._grouped_mm over per-expert offsets with a SiLU-gated
   FFN (w1 gate, w3 up, w2 down), scaled by the routing weights, scattered back (torchtitan _permute_tokens,
   GroupedExperts._experts_forward, _unpermute_tokens).
+The library calls sit behind tune/layer_comm.LayerComm (one implementation per library: which call each step
+makes, with which of the candidate's settings, is documented there); this module is the model, the schedules,
+the checks and the timing, once for all of them.
 Unlike torchtitan every call here passes an explicit config (the candidate under test), and the routing is fixed
 (deepep_tune.routing, DeepEP's test routing) instead of a learned router: the router GEMM is not timed, but the
 routing weights get a gradient, so the backward combine carries top-k weights as in training.
@@ -21,31 +24,29 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..deepep.buffer import int32_overflow, nvl_bytes
-from ..deepep.config import ConfigArgs
+from ..deepep.config import SUPPORTED_RANKS, ConfigArgs
 from ..deepep.routing import make_routing
 from ..deepep.workload import LayerShape, layer_shape_error
 from ..knobs import Knobs
 from ..stats import quantiles
+from .layer_comm import GROUP_ALIGN  # noqa: F401 - its old home: tests and benchmarks import it from here
+from .layer_comm import LayerComm, LayerLibrary, Received, ReferenceComm, V1Comm
 from .timing import CudaEventTimer, round_order, wall_timer
 
 SCHEDULES = ("sequential", "overlap")
 # What layer_check times: forward + backward in both schedules, and the forward alone (sequential, no
 # autograd), which is what an inference prefill or a forward-only experiment sees.
 CHECKED = (*SCHEDULES, "forward_only")
-# Rows of each expert's group are padded to a multiple of this (DeepEP's expert_alignment does the counting).
-# torch._grouped_mm's CUTLASS path (SM90/SM100, bf16) needs 16-byte aligned group starts along a dynamic
-# dimension in some layouts (the weight-gradient 2d x 2d case); 8 bf16 rows = 16 bytes. Costs < 8 rows/expert.
-GROUP_ALIGN = 8
 OUTPUT_TOLERANCE = 1e-2
-REFERENCE_NAMES = ("deepep_as_shipped", "deepep_default_20sms")
 
 
 def has_grouped_mm() -> bool:
@@ -144,67 +145,45 @@ def dense_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Ten
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
-# --- DeepEP as autograd Functions ---------------------------------------------------------------------------
+# --- the communication as autograd Functions ------------------------------------------------------------------
 @dataclass
-class _Comm:
-    """Non-tensor outputs of the forward calls, shared with backward (torchtitan keeps them in a handle cache)."""
+class _Box:
+    """Non-tensor outputs of the forward calls, shared with the layer and the backward (torchtitan keeps them in
+    a handle cache)."""
 
-    buffer: Any
-    dispatch_config: Any
-    combine_config: Any
-    handle: Any = None
-    recv_topk_idx: Optional[torch.Tensor] = None
-    counts: list[int] = field(default_factory=list)
-    combine_event: Any = None
-
-
-def _wait_call(buffer: Any, fn: Callable[..., tuple], **kwargs: Any) -> tuple:
-    """torchtitan's pattern: order after the compute stream, run on DeepEP's stream, then wait for it."""
-    out = fn(previous_event=buffer.capture(), async_finish=True, allocate_on_comm_stream=True, **kwargs)
-    out[-1].current_stream_wait()
-    return out
+    received: Received | None = None
+    wait: Callable[[], None] = field(default=lambda: None)
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor,
-                layout: tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor], comm: _Comm
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        per_rank, per_rdma, per_expert, in_rank = layout
-        recv_x, recv_idx, recv_w, counts, handle, _ = _wait_call(
-            comm.buffer, comm.buffer.dispatch, x=x, topk_idx=topk_idx, topk_weights=topk_weights.float(),
-            num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, expert_alignment=GROUP_ALIGN, config=comm.dispatch_config)
-        comm.handle, comm.recv_topk_idx, comm.counts = handle, recv_idx, list(counts)
-        ctx.comm, ctx.x_dtype, ctx.w_dtype = comm, x.dtype, topk_weights.dtype
-        return recv_x, recv_w
+    def forward(ctx: Any, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                comm: LayerComm, box: _Box) -> tuple[torch.Tensor, torch.Tensor]:
+        box.received = r = comm.dispatch(x, topk_idx, topk_weights, num_experts)
+        ctx.comm, ctx.handle, ctx.x_dtype, ctx.w_dtype = comm, r.handle, x.dtype, topk_weights.dtype
+        return r.x, r.topk_weights
 
     @staticmethod
-    def backward(ctx: Any, grad_recv_x: torch.Tensor, grad_recv_w: Optional[torch.Tensor]) -> tuple:
-        comm: _Comm = ctx.comm
+    def backward(ctx: Any, grad_recv_x: torch.Tensor, grad_recv_w: torch.Tensor | None) -> tuple:
+        # The gradient of dispatch is a combine of the received-row gradients, carrying the top-k weight gradients.
         w = grad_recv_w.float().contiguous() if grad_recv_w is not None else None
-        grad_x, grad_w, _ = _wait_call(comm.buffer, comm.buffer.combine, x=grad_recv_x.to(torch.bfloat16).contiguous(),
-                                       handle=comm.handle, topk_weights=w, config=comm.combine_config)
+        grad_x, grad_w = ctx.comm.combine_backward(grad_recv_x.to(torch.bfloat16).contiguous(), w, ctx.handle)
         grad_w = grad_w.to(ctx.w_dtype) if grad_w is not None else None
-        return grad_x.to(ctx.x_dtype), grad_w, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, comm: _Comm) -> torch.Tensor:
-        combined, _, event = comm.buffer.combine(x=y, handle=comm.handle, config=comm.combine_config,
-                                                 previous_event=comm.buffer.capture(), async_finish=True,
-                                                 allocate_on_comm_stream=True)
-        comm.combine_event = event  # the caller waits (torchtitan's sync_combine), maybe after shared experts
-        ctx.comm = comm
+    def forward(ctx: Any, y: torch.Tensor, comm: LayerComm, box: _Box) -> torch.Tensor:
+        assert box.received is not None
+        combined, box.wait = comm.combine(y, box.received.handle)  # the caller waits, maybe after shared experts
+        ctx.comm, ctx.handle = comm, box.received.handle
         return combined
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        comm: _Comm = ctx.comm
-        out = _wait_call(comm.buffer, comm.buffer.dispatch, x=grad.to(torch.bfloat16).contiguous(), handle=comm.handle,
-                         config=comm.dispatch_config)
-        return out[0], None
+        # The gradient of combine is a cached dispatch of the output gradient with the forward's handle.
+        return ctx.comm.dispatch_backward(grad.to(torch.bfloat16).contiguous(), ctx.handle), None, None
 
 
 # --- the layer ---------------------------------------------------------------------------------------------
@@ -262,18 +241,26 @@ class MoELayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, buffer: Any,
                 dispatch_config: Any, combine_config: Any, schedule: str = "sequential") -> torch.Tensor:
+        """The layer over a deep_ep.Buffer-like buffer (DeepEP v1, the reference) with one Config per op."""
+        return self.run(x, topk_idx, topk_weights, V1Comm(buffer, dispatch_config, combine_config), schedule)
+
+    def run(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, comm: LayerComm,
+            schedule: str = "sequential") -> torch.Tensor:
+        """The layer over any library's LayerComm (tune/layer_comm.py)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, self.shape.num_experts)
-        comm = _Comm(buffer, dispatch_config, combine_config)
-        recv_x, recv_w = _Dispatch.apply(x, topk_weights, topk_idx, (per_rank, per_rdma, per_expert, in_rank), comm)
-        y = self.routed_experts(recv_x, comm.recv_topk_idx, recv_w, comm.counts)
-        out = _Combine.apply(y, comm)
+        if schedule == "overlap" and comm.no_overlap:
+            raise ValueError(f"no overlap schedule: {comm.no_overlap}")  # never time a schedule that is not one
+        box = _Box()
+        recv_x, recv_w = _Dispatch.apply(x, topk_weights, topk_idx, self.shape.num_experts, comm, box)
+        assert box.received is not None
+        y = self.routed_experts(recv_x, box.received.topk_idx, recv_w, box.received.counts)
+        out = _Combine.apply(y, comm, box)
         if schedule == "overlap":
-            shared = dense_ffn(x, *self.shared) if self.shared else None  # runs while DeepEP combines
-            comm.combine_event.current_stream_wait()
+            shared = dense_ffn(x, *self.shared) if self.shared else None  # runs while the library combines
+            box.wait()
         else:
-            comm.combine_event.current_stream_wait()
+            box.wait()
             shared = dense_ffn(x, *self.shared) if self.shared else None
         return out if shared is None else out + shared
 
@@ -403,84 +390,174 @@ def layer_check(buffer: Any, make_config: Callable[[Knobs], Any], shape: LayerSh
                 device: torch.device, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
                 warmup: int, schedules: tuple[str, ...] = CHECKED, seed: int = 0,
                 reference: str | None = None, experts_impl: str | None = None) -> dict[str, Any]:
+    """check_layer on a deep_ep.Buffer-like buffer (DeepEP v1, the reference buffer), configs from make_config."""
+    lib = LayerLibrary("deepep", lambda d, c: V1Comm(buffer, make_config(d), make_config(c)),
+                       lambda s, d, c: candidate_error(s, d, c, num_ranks, buffer.num_nvl_bytes), _idx_dtype(buffer),
+                       group=buffer.group)
+    return check_layer(lib, shape, rank, num_ranks, device, candidates, rounds, warmup, schedules, seed, reference,
+                       experts_impl)
+
+
+def check_layer(lib: LayerLibrary, shape: LayerShape, rank: int, num_ranks: int, device: torch.device,
+                candidates: dict[str, tuple[Knobs, Knobs]], rounds: int, warmup: int,
+                schedules: tuple[str, ...] = CHECKED, seed: int = 0, reference: str | None = None,
+                experts_impl: str | None = None) -> dict[str, Any]:
     """Time forward + backward of one MoE layer for every candidate (dispatch config, combine config) and
-    schedule. Every rank must call this with the same arguments: the call sequence is identical on all ranks.
-    The weights are allocated once; weight gradients are computed (the backward's GEMMs are timed) but returned
-    by torch.autograd.grad and dropped each step, never accumulated in .grad."""
+    schedule, through the library's LayerComm. Every rank must call this with the same arguments: the call
+    sequence is identical on all ranks. The weights are allocated once; weight gradients are computed (the
+    backward's GEMMs are timed) but returned by torch.autograd.grad and dropped each step, never accumulated
+    in .grad."""
     err = layer_shape_error(shape, num_ranks)
     if err:
         return {"skipped": err}
-    skipped, runnable = _split_candidates(shape, candidates, num_ranks, buffer.num_nvl_bytes)
+    skipped = {name: e for name, (d, c) in candidates.items() if (e := lib.candidate_error(shape, d, c))}
+    runnable = {name: pair for name, pair in candidates.items() if name not in skipped}
     if not runnable:
         return {"skipped": "no candidate can run: " + "; ".join(f"{n}: {e}" for n, e in skipped.items())}
-    if reference is None:
-        reference = next((n for n in REFERENCE_NAMES if n in runnable), next(iter(runnable)))
-    configs = {name: (make_config(d), make_config(c)) for name, (d, c) in runnable.items()}
+    if reference not in runnable:  # the caller names it (the library's layer_baselines); else the first candidate
+        reference = next(iter(runnable))
+    comms = {name: lib.comm_of(d, c) for name, (d, c) in runnable.items()}
 
-    bench = _LayerBench(buffer, shape, rank, num_ranks, device, seed, experts_impl, configs)
-    norms = bench.output_norms()
+    bench = _LayerBench(lib.idx_dtype, shape, rank, num_ranks, device, seed, experts_impl, comms)
+    no_overlap = next(iter(comms.values())).no_overlap
+    not_run = {"overlap": no_overlap} if no_overlap and "overlap" in schedules else {}
+    schedules = tuple(s for s in schedules if s not in not_run)
+    if lib.jit or lib.verify:
+        norms, checks = bench.first_steps(bench.reference() if lib.verify else "not asked")
+        warmup = max(warmup, JIT_WARMUP_ROUNDS) if lib.jit else warmup
+    else:
+        norms, checks = bench.output_norms(), {}
     mine = bench.time_rounds(schedules, rounds, warmup)
-    # The only collective: every rank reaches it after the same sequence of layer calls.
+    # The only collective besides the layer's: every rank reaches it after the same sequence of layer calls.
     gathered: list[Any] = [None] * num_ranks
-    dist.all_gather_object(gathered, [mine, norms], group=buffer.group)
-    return _layer_result(gathered, bench, runnable, skipped, reference, rounds, warmup)
+    dist.all_gather_object(gathered, [mine, norms, checks], group=lib.group)
+    result = _layer_result(gathered, bench, runnable, skipped, reference, rounds, warmup)
+    return _add_checks(result, [c for _, _, c in gathered], lib, not_run)
 
 
-def _split_candidates(shape: LayerShape, candidates: dict[str, tuple[Knobs, Knobs]], num_ranks: int,
-                      num_nvl_bytes: int) -> tuple[dict[str, str], dict[str, tuple[Knobs, Knobs]]]:
-    """(why each unrunnable candidate is skipped, the runnable ones), both in the candidates' order."""
-    skipped = {name: e for name, (d, c) in candidates.items()
-               if (e := candidate_error(shape, d, c, num_ranks, num_nvl_bytes))}
-    runnable = {name: pair for name, pair in candidates.items() if name not in skipped}
-    return skipped, runnable
+# A JIT library's first step of a candidate compiles its kernels; the first launches after a compile can still
+# be slow (module load, cold caches), so at least this many untimed rounds run before the timed ones.
+JIT_WARMUP_ROUNDS = 2
+# Worst row error over the RMS row norm, candidate against the reference: bf16 rounding in a different summation
+# order gives ~1e-3, a wrong, lost or misrouted row O(0.1-1).
+VERIFY_TOLERANCE = 0.05
+
+
+def row_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max over rows of |got_r - want_r| / RMS_r |want_r| (rows along the last dimension): unlike a relative norm,
+    one wrong row among thousands still shows. 1e9 for a shape mismatch or a non-finite value."""
+    if got.shape != want.shape:
+        return 1e9
+    g = got.detach().float().reshape(-1, got.shape[-1]) if got.dim() else got.detach().float().reshape(1, 1)
+    w = want.detach().float().reshape(g.shape).to(g.device)
+    if g.numel() == 0:
+        return 0.0
+    rms = w.norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+    err = float((g - w).norm(dim=1).max() / rms)
+    return err if math.isfinite(err) else 1e9
+
+
+def _reference_unavailable(num_ranks: int) -> str | None:
+    """Why ReferenceComm cannot run here: it moves host copies over the default group, which must be gloo (the
+    tuner's control plane), and the reference buffer takes DeepEP's intranode rank counts."""
+    if dist.get_backend() != "gloo":
+        return f"the default process group is {dist.get_backend()}, the reference exchange needs gloo"
+    if num_ranks not in SUPPORTED_RANKS:
+        return f"the reference buffer runs on {SUPPORTED_RANKS} ranks, not {num_ranks}"
+    return None
 
 
 class _LayerBench:
     """One layer, its inputs and a timer, shared by every candidate: the weights and inputs are allocated
-    once so candidates differ only in their configs."""
+    once so candidates differ only in their communication."""
 
-    def __init__(self, buffer: Any, shape: LayerShape, rank: int, num_ranks: int, device: torch.device,
-                 seed: int, experts_impl: str | None, configs: dict[str, tuple[Any, Any]]) -> None:
-        self.buffer, self.shape, self.configs = buffer, shape, configs
+    def __init__(self, idx_dtype: torch.dtype, shape: LayerShape, rank: int, num_ranks: int, device: torch.device,
+                 seed: int, experts_impl: str | None, comms: dict[str, LayerComm]) -> None:
+        self.shape, self.comms, self.num_ranks, self.device = shape, comms, num_ranks, device
         self.layer = MoELayer(shape, rank, num_ranks, device, torch.bfloat16, seed, experts_impl)
         self.x, self.topk_idx, self.topk_w, self.grad_out = layer_inputs(
-            shape, rank, num_ranks, seed, device, torch.bfloat16, _idx_dtype(buffer))
+            shape, rank, num_ranks, seed, device, torch.bfloat16, idx_dtype)
         self.x.requires_grad_(True)
         self.topk_w.requires_grad_(True)  # a router would get this gradient; the backward combine carries it
         self.wrt = [self.x, self.topk_w, *self.layer.parameters()]
+        self.wrt_names = ["grad_x", "grad_topk_weights", *(f"grad_{n}" for n, _ in self.layer.named_parameters())]
         self.on_gpu = device.type == "cuda"
         self.timer = CudaEventTimer() if self.on_gpu else wall_timer
 
+    def sync(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+
     def step(self, name: str, sched: str) -> None:
-        dcfg, ccfg = self.configs[name]
+        comm = self.comms[name]
         if sched == "forward_only":
             with torch.no_grad():
-                self.layer(self.x, self.topk_idx, self.topk_w, self.buffer, dcfg, ccfg, "sequential")
+                self.layer.run(self.x, self.topk_idx, self.topk_w, comm, "sequential")
             return
-        out = self.layer(self.x, self.topk_idx, self.topk_w, self.buffer, dcfg, ccfg, sched)
+        out = self.layer.run(self.x, self.topk_idx, self.topk_w, comm, sched)
         grads = torch.autograd.grad(out, self.wrt, self.grad_out)
         del out, grads
 
+    def run_untimed(self, name: str, sched: str) -> None:
+        self.comms[name].activate()
+        self.step(name, sched)
+
     def timed(self, name: str, sched: str) -> float:
+        self.comms[name].activate()  # outside the timing: a library's per-candidate set-up (HybridEP's settings)
         return self.timer(lambda: self.step(name, sched)) / 1e3  # ms
+
+    def grads(self, comm: LayerComm) -> dict[str, torch.Tensor]:
+        """Output and every gradient of one sequential forward + backward through comm."""
+        out = self.layer.run(self.x, self.topk_idx, self.topk_w, comm, "sequential")
+        grads = torch.autograd.grad(out, self.wrt, self.grad_out)
+        return {"out": out.detach(), **dict(zip(self.wrt_names, grads))}
+
+    def reference(self) -> dict[str, torch.Tensor] | str:
+        """The output and gradients through ReferenceComm (what a correct library gives), or why there are none."""
+        why = _reference_unavailable(self.num_ranks)
+        return why if why else self.grads(ReferenceComm(dist.group.WORLD, self.num_ranks, self.device))
 
     def output_norms(self) -> dict[str, float]:
         """Untimed: the layer's output must not depend on the config (only on the routing and the weights)."""
         norms = {}
-        for name in self.configs:
+        for name, comm in self.comms.items():
+            comm.activate()
             with torch.no_grad():
-                norms[name] = float(self.layer(self.x, self.topk_idx, self.topk_w, self.buffer, *self.configs[name],
-                                               "sequential").float().norm())
+                norms[name] = float(self.layer.run(self.x, self.topk_idx, self.topk_w, comm, "sequential")
+                                    .float().norm())
         return norms
+
+    def first_steps(self, ref: dict[str, torch.Tensor] | str) -> tuple[dict[str, float], dict[str, Any]]:
+        """Each candidate's first forward + backward, before any round: where V2 and HybridEP JIT-compile its
+        kernels (host seconds, reported apart), its output and gradients checked against the reference, and the
+        library asked whether it ran the candidate's settings. Returns (output norms, this rank's checks)."""
+        norms: dict[str, float] = {}
+        checks: dict[str, Any] = {"first_call_s": {}, "errors": {}, "knobs": {},
+                                  "reference": ref if isinstance(ref, str) else None}
+        for name, comm in self.comms.items():
+            comm.activate()
+            self.sync()
+            t0 = time.perf_counter()
+            got = self.grads(comm)
+            self.sync()
+            checks["first_call_s"][name] = round(time.perf_counter() - t0, 3)
+            norms[name] = float(got["out"].float().norm())
+            if not isinstance(ref, str):
+                checks["errors"][name] = {k: round(row_error(v, ref[k]), 6) for k, v in got.items()}
+            problem = comm.check()
+            if problem:
+                checks["knobs"][name] = problem
+            del got  # full-size expert-weight gradients: hold the reference's and one candidate's at a time
+        return norms, checks
 
     def time_rounds(self, schedules: tuple[str, ...], rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
         """This rank's ms per round for every (schedule, candidate), after untimed warmup rounds; round_order
         interleaves the candidates so drift is spread over all of them."""
-        units = [(sched, name) for sched in schedules for name in self.configs]
+        units = [(sched, name) for sched in schedules for name in self.comms]
         for _ in range(warmup):
             for sched, name in units:
-                self.step(name, sched)
-        mine: dict[str, dict[str, list[float]]] = {s: {n: [] for n in self.configs} for s in schedules}
+                self.run_untimed(name, sched)
+        mine: dict[str, dict[str, list[float]]] = {s: {n: [] for n in self.comms} for s in schedules}
         for r in range(rounds):
             for sched, name in round_order(units, r):
                 mine[sched][name].append(self.timed(name, sched))
@@ -489,18 +566,19 @@ class _LayerBench:
 
 def _layer_result(gathered: list[Any], bench: _LayerBench, runnable: dict[str, tuple[Knobs, Knobs]],
                   skipped: dict[str, str], reference: str, rounds: int, warmup: int) -> dict[str, Any]:
-    """The layer_check result from every rank's [times, output norms]."""
-    all_norms = [v for _, rank_norms in gathered for v in rank_norms.values()]
-    per_rank_spread = max((max(n.values()) - min(n.values())) / max(min(n.values()), 1e-12) for _, n in gathered)
+    """The layer_check result from every rank's [times, output norms, checks]."""
+    all_norms = [v for _, rank_norms, _ in gathered for v in rank_norms.values()]
+    per_rank_spread = max((max(n.values()) - min(n.values())) / max(min(n.values()), 1e-12) for _, n, _ in gathered)
     impl = bench.layer.experts_impl
     result: dict[str, Any] = {
         "rounds": rounds, "warmup": warmup, "reference": reference,
         "what": f"slowest rank per round, {'CUDA events' if bench.on_gpu else 'wall clock'}; experts via "
                 f"{impl}; speedup_vs_reference = {reference} / candidate per round",
         "shape": asdict(bench.shape), "experts_impl": impl,
-        "num_sms": {name: d.num_sms for name, (d, _) in runnable.items()},
+        # SMs a candidate takes from the GEMMs: the larger of its ops' counts (they run one after the other)
+        "num_sms": {name: max(int(d.num_sms), int(c.num_sms)) for name, (d, c) in runnable.items()},
         "configs": {name: {"dispatch": d.as_dict(), "combine": c.as_dict()} for name, (d, c) in runnable.items()},
-        "schedules": reduce_rounds([times for times, _ in gathered], reference),
+        "schedules": reduce_rounds([times for times, _, _ in gathered], reference),
         "skipped_candidates": skipped,
         # bf16 index_add on GPU is not deterministic: a spread of ~1e-3 is noise, ~1 a wrong result
         "output_spread": per_rank_spread,
@@ -509,3 +587,43 @@ def _layer_result(gathered: list[Any], bench: _LayerBench, runnable: dict[str, t
         result["note"] = (f"layer outputs differ between candidates by {per_rank_spread:.3g} (relative norm): "
                           "a config changed the result, treat these timings as suspect")
     return result
+
+
+def _add_checks(result: dict[str, Any], per_rank: list[dict[str, Any]], lib: LayerLibrary,
+                not_run: dict[str, str]) -> dict[str, Any]:
+    """The result's fields from every rank's first steps (nothing for a library without them: v1's result keeps
+    its layout): the library's calls, schedules it cannot run, compile seconds, the reference check."""
+    notes = [result["note"]] if "note" in result else []
+    if lib.calls:
+        result.update(library=lib.name, calls=dict(lib.calls))
+    if not_run:
+        result["schedules_not_run"] = dict(not_run)
+    firsts = [c["first_call_s"] for c in per_rank if c.get("first_call_s")]
+    if firsts:
+        result["first_call_s"] = {n: max(f[n] for f in firsts) for n in firsts[0]}
+        result["first_call_note"] = ("host seconds of each candidate's first forward + backward, before the rounds: "
+                                     "JIT compiles of its new kernels")
+    knobs = {n: f"rank {r}: {m}" for r, c in enumerate(per_rank) for n, m in c.get("knobs", {}).items()}
+    if knobs:
+        result["knobs_not_in_effect"] = knobs
+        notes.append(f"{', '.join(sorted(knobs))} did not run the settings asked for: their timings are of others")
+    if lib.verify:
+        result["reference_check"] = ref = _reference_result(per_rank)
+        if ref.get("wrong"):
+            notes.append(f"{', '.join(ref['wrong'])} gave a wrong output or gradient against the reference: "
+                         "treat their timings as suspect")
+    if notes:
+        result["note"] = "; ".join(notes)
+    return result
+
+
+def _reference_result(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every candidate's worst error over ranks against ReferenceComm, per output and gradient."""
+    why = next((c["reference"] for c in per_rank if c.get("reference")), None)
+    if why:
+        return {"skipped": why}
+    names = per_rank[0]["errors"]
+    errors = {n: {k: max(c["errors"][n][k] for c in per_rank) for k in names[n]} for n in names}
+    return {"against": "the same layer through the reference buffer (DeepEP v1 semantics over gloo, host copies)",
+            "metric": "worst row's error / RMS row norm, max over ranks", "tolerance": VERIFY_TOLERANCE,
+            "errors": errors, "wrong": [n for n, e in errors.items() if max(e.values()) > VERIFY_TOLERANCE]}

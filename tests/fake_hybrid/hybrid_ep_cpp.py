@@ -9,9 +9,14 @@ Kept from the real library, because the tuner's backend depends on them:
 - HybridEPBuffer.update_buffer: a chunk change (or growth) re-allocates, which is collective (an all_gather on the
   group, as exchange_remote_nvl_info), so ranks out of lockstep hang, as on the GPU.
 - Kernel cache keyed like jit/compiler.cu (dispatch key includes forward_dispatch_api, combine key
-  backward_combine_api): a new key "compiles" (sleeps FAKE_HYBRID_JIT_S seconds) and is counted.
+  backward_combine_api): a new key "compiles" (sleeps FAKE_HYBRID_JIT_S seconds) and is counted. The next
+  FAKE_HYBRID_COLD_CALLS launches of a just-compiled kernel sleep FAKE_HYBRID_COLD_S each (a GPU's first launches
+  after a compile: module load, cold caches), so a test sees whether timings wait until a new config is warm.
 - Outputs: dispatch rows ordered by (source rank, source token), one per token with an expert on this rank;
   recv probs [N, experts of the node]; combine = sum over destination ranks (fp32 accumulate, bf16 out).
+- The handle's local_expert_routing_map: [T * ranks, local experts] bool, row i (i < dispatched tokens) the local
+  experts of received row i; the rows past them are unspecified (torch::empty): here True, so that a caller who
+  does not cut them off at handle[3] gets wrong counts.
 `HybridEPBuffer.launches` records the config every kernel really ran with (what the tests inspect)."""
 
 import copy
@@ -174,6 +179,7 @@ class HybridEPBuffer:
         self.group, self.rank, self.world = group, dist.get_rank(group), group_size
         self.buffer_config = copy.copy(buffer_config)  # the C++ object keeps its own copy
         self.kernels, self.compiles, self.launches, self.reallocations = set(), [], [], 0
+        self.cold = {}  # kernel key -> launches left that still run slow after its compile
         self._exchange()
 
     def _exchange(self):
@@ -205,6 +211,10 @@ class HybridEPBuffer:
             time.sleep(float(os.environ.get("FAKE_HYBRID_JIT_S", "0")))  # the JIT compile
             self.kernels.add(key)
             self.compiles.append(key)
+            self.cold[key] = int(os.environ.get("FAKE_HYBRID_COLD_CALLS", "0"))
+        elif self.cold.get(key):
+            self.cold[key] -= 1
+            time.sleep(float(os.environ.get("FAKE_HYBRID_COLD_S", "0")))
 
     def _launch(self, op, config):
         fields = {"dispatch": ("num_of_blocks_dispatch_api", "num_of_tokens_per_chunk_dispatch_api",
@@ -228,7 +238,11 @@ class HybridEPBuffer:
         h.rdma_to_attn_map = h.attn_to_rdma_map = None
         n = int(sum(int(t[:, self.rank].sum()) for t in to_rank))
         h.num_dispatched_tokens_tensor = torch.tensor([n], dtype=torch.int32)
-        h.local_expert_routing_map = routing_map
+        # received rows in (source rank, token) order, each with the local experts it goes to
+        mine = torch.cat([m[to_rank[s][:, self.rank]][:, self.rank * epr:(self.rank + 1) * epr]
+                          for s, m in enumerate(maps)])
+        h.local_expert_routing_map = torch.ones(num_of_tokens_per_rank * self.world, epr, dtype=torch.bool)
+        h.local_expert_routing_map[:n] = mine
         h.num_of_tokens_per_rank = num_of_tokens_per_rank
         return h
 

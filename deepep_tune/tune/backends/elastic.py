@@ -7,7 +7,8 @@ What differs from the v1 backend (TokenBackend):
 - every new num_sms JIT-compiles three kernels (non-cached dispatch, cached dispatch, combine; ~4-6 s each): the
   first call of each is made and timed on the host outside the timed iterations, and the seconds are reported;
 - received rows are not in (source rank, token) order: each row's source comes from handle.recv_src_metadata, so
-  the inputs carry their source token in their values (stamp_rows) and the checks decode them row by row.
+  the inputs carry their source token in their values (stamp_rows) and the checks decode them row by row;
+- the MoE layer check (--layer-check) makes torchtitan main's calls through tune/layer_comm.ElasticComm.
 
 On a CPU-only machine with tests/fake_v2 on PYTHONPATH (a stand-in that marks itself CPU_STAND_IN) the same
 class runs on CPU over gloo, which is how tests/test_elastic_backend.py exercises it."""
@@ -372,8 +373,8 @@ class ElasticBackend(Backend):
         return {"skipped": "not wired for deepep-v2 (NCCL's all-to-all of the same rows: --backend deepep)"}
 
     def layer_check(self, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
-                    warmup: int) -> dict[str, Any]:
-        return {"skipped": "the MoE layer check drives deep_ep.Buffer's v1 API (tune/layer.py); no V2 adapter yet"}
+                    warmup: int, reference: str | None = None) -> dict[str, Any]:
+        return v2_layer_check(self, shape, candidates, rounds, warmup, reference)
 
     def healthy(self) -> bool:
         """False once a failure has left a sticky CUDA error (a V2 device timeout traps: restart the process)."""
@@ -386,6 +387,48 @@ class ElasticBackend(Backend):
     def close(self) -> None:
         self._sync()
         self.buffer.destroy()
+
+
+# --- the MoE layer check (tune/layer.py) on this backend's buffer -------------------------------------------------
+def v2_layer_check(b: ElasticBackend, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
+                   warmup: int, reference: str | None = None) -> dict[str, Any]:
+    from ..layer import check_layer
+
+    return check_layer(layer_library(b), shape, b.rank, b.num_ranks, b.device, candidates, rounds=rounds,
+                       warmup=warmup, reference=reference)
+
+
+def layer_library(b: ElasticBackend) -> Any:
+    """The MoE layer's calls on b's buffer (tune/layer_comm.ElasticComm: torchtitan main's pattern), each
+    candidate's num_sms per call. expert_alignment is the current workload's, as in the search, so the layer
+    reuses the kernels the search compiled (it is a template parameter of all three kernels)."""
+    from ..layer_comm import ElasticComm, LayerLibrary
+
+    align = b.workload.expert_alignment if b.workload is not None else 1
+    return LayerLibrary("deepep-v2", lambda d, c: ElasticComm(b.buffer, int(d.num_sms), int(c.num_sms), align),
+                        lambda shape, d, c: layer_candidate_error(b, shape, d, c),
+                        getattr(b.deep_ep, "topk_idx_t", torch.int64), jit=True, verify=True,
+                        calls=dict(ElasticComm.CALLS))
+
+
+def layer_candidate_error(b: ElasticBackend, shape: Any, d: Knobs, c: Knobs) -> str | None:
+    """Why a (dispatch, combine) pair cannot run in the layer on b's buffer, or None: V2's host checks (num_sms > 0,
+    <= the device's SMs: a violation would raise inside the ranks' shared call sequence) and the buffer's token
+    capacity."""
+    if shape.num_tokens > b.max_tokens:
+        return f"{shape.num_tokens} tokens exceed the buffer's num_max_tokens_per_rank {b.max_tokens}"
+    cap = b.sms_cap or device_sms(b)
+    for op, cfg in (("dispatch", d), ("combine", c)):
+        err = V2.error(op, cfg) or (f"num_sms={cfg.num_sms} exceeds {cap} SMs" if cfg.num_sms > cap else None)
+        if err:
+            return f"{op} {cfg}: {err}"
+    return None
+
+
+def device_sms(b: ElasticBackend) -> int:
+    if b.device.type == "cuda":
+        return int(torch.cuda.get_device_properties(b.device).multi_processor_count)
+    return int(b.deep_ep.stand_in_device_sms())
 
 
 def any_rank(flag: bool) -> bool:

@@ -4,13 +4,15 @@ How a candidate is run (benchmarks/next_gen/API_NOTES.md §2, probe.py): a handl
 at the non-cached dispatch that made it. So a measurement first sets the chunk/stage environment variables and
 `configurer.buffer_config.num_of_blocks_{dispatch,combine}_api`, then makes a handle with an untimed non-cached
 dispatch (the first call of a new config is where HybridEP JIT-compiles, 5-10 s; it is timed on the host and kept
-out of the timings). A combine candidate's handle has the candidate's combine fields and HybridEP's defaults for
+out of the timings), then runs the new config's calls POST_COMPILE_WARMUP times untimed (reported apart) before
+any timed call. A combine candidate's handle has the candidate's combine fields and HybridEP's defaults for
 dispatch (and the reverse), so each op is measured at its own settings.
 
 What is timed per iteration (base.OBJECTIVE_PARTS), as Megatron's HybridEP autograd functions call the kernels:
 train: dispatch = forward dispatch with probs (non-cached: preprocessing, host sync, dispatch) + the backward's
 cached dispatch of bf16 gradients with that handle; combine = forward combine + the dispatch's backward (a combine
 that also reduces probs). forward: the dispatch with probs, the combine. Every output is checked.
+The MoE layer check runs the same four calls per layer step through tune/layer_comm.HybridComm.
 
 On CPU (DEEPEP_TUNE_HYBRID_DEVICE=cpu) the same class runs over gloo against tests/fake_hybrid, a stand-in of
 deep_ep's HybridEPBuffer: that is how the tests run it; timings are then meaningless."""
@@ -36,6 +38,7 @@ from ...deepep.hybrid import (
     HANDLE_FIELD,
     HYBRID,
     SMS_FIELD,
+    fits,
     settings_of,
 )
 from ...deepep.routing import Expected, expected_for_rank, make_routing, token_values
@@ -50,6 +53,8 @@ HYBRID_EP_COMMIT = "94a9f8f"  # the DeepEP hybrid-ep commit this backend was wri
 CPU_ENV = "DEEPEP_TUNE_HYBRID_DEVICE"  # "cpu": run on CPU over gloo (against tests/fake_hybrid)
 CPU_SMS_CAP = 32  # the fake has no SMs; sweep the grid of a small GPU, as the reference backend does
 MANAGED_ENV = tuple(v for op in OPS for v in ENV[op].values())
+# Untimed iterations of a new config's calls right after its JIT compile, before any timed one (see measure()).
+POST_COMPILE_WARMUP = 3
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,8 @@ class HybridBackend(Backend):
         # Per config, seconds of its first calls (JIT compiles); describe() hands out these very dicts, kept
         # current, because the run calls it beside the search and writes the results after the last compile.
         self.first_call_s: dict[str, float] = {}
-        self.first_call_total: dict[str, float] = {"total_s": 0.0, "configs": 0}
+        self.first_call_total: dict[str, float] = {"total_s": 0.0, "configs": 0, "post_compile_warmup_s": 0.0}
+        self.post_compile_warmup_s: dict[str, float] = {}  # per config: the untimed runs right after its compile
         self.spec: HandleSpec | None = None
         self.buffer = self._make_buffer(group, workload, max_tokens)
         self.use(workload)
@@ -293,6 +299,7 @@ class HybridBackend(Backend):
             self.first_call_s[key] = round(seconds, 3)
             self.first_call_total["total_s"] = round(self.first_call_total["total_s"] + seconds, 2)
             self.first_call_total["configs"] += 1
+            warm_after_compile(self, key, [calls[n] for n in names])
         samples = bench_parts([calls[n] for n in names], warmup=warmup, iters=iters, timer=self.dev.timer,
                               before_each=self.dev.flush)
         return LocalResult(dict(zip(names, samples)), self._check(op, out))
@@ -329,6 +336,8 @@ class HybridBackend(Backend):
             "hybridep_other_env": other,  # HybridEP settings left at the user's values (not tuned here)
             "hybridep_first_call_s": self.first_call_s,  # per config: JIT compiles, outside the timings
             "hybridep_first_call_total": self.first_call_total,
+            # per config: POST_COMPILE_WARMUP untimed runs of its calls right after the compile, outside the timings
+            "hybridep_post_compile_warmup_s": self.post_compile_warmup_s,
             "topology": nvidia_topology() if cuda else None,
         }
 
@@ -350,9 +359,8 @@ class HybridBackend(Backend):
                            "not implemented for the hybridep backend"}
 
     def layer_check(self, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
-                    warmup: int) -> dict[str, Any]:
-        return {"skipped": "the MoE layer check drives deep_ep.Buffer's API (tune/layer.py); HybridEP's "
-                           "dispatch/combine (and the permute variants Megatron runs) are not wired into it"}
+                    warmup: int, reference: str | None = None) -> dict[str, Any]:
+        return hybrid_layer_check(self, shape, candidates, rounds, warmup, reference)
 
     def close(self) -> None:
         try:
@@ -363,6 +371,58 @@ class HybridBackend(Backend):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+def warm_after_compile(b: HybridBackend, key: str, calls: list[Callable[[], object]]) -> None:
+    """Run a new config's calls POST_COMPILE_WARMUP more times, untimed, on the host clock (reported apart).
+    The first launches after a JIT compile can still be slow (module load, cold caches); the caller's warm-up
+    may be 0 (racing's short pass), and then a config's first timed calls would pay for it and it would look
+    slower in the search than in the final re-timing (the 2x H200 run's search and re-timing disagreed on the
+    pick against torchtitan's 16/16; this is one suspected cause, not a measured one)."""
+    def run() -> None:
+        for _ in range(POST_COMPILE_WARMUP):
+            for fn in calls:
+                fn()
+
+    seconds = b._first(run)[1]
+    b.post_compile_warmup_s[key] = round(seconds, 3)
+    b.first_call_total["post_compile_warmup_s"] = round(b.first_call_total["post_compile_warmup_s"] + seconds, 2)
+
+
+# --- the MoE layer check (tune/layer.py) on this backend's buffer -------------------------------------------------
+def hybrid_layer_check(b: HybridBackend, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
+                       warmup: int, reference: str | None = None) -> dict[str, Any]:
+    from ..layer import check_layer
+
+    return check_layer(layer_library(b, shape), shape, b.rank, b.num_ranks, b.dev.device, candidates, rounds=rounds,
+                       warmup=warmup, reference=reference)
+
+
+def layer_library(b: HybridBackend, shape: Any) -> Any:
+    """The MoE layer's calls on b's buffer (tune/layer_comm.HybridComm). A candidate's settings are applied as
+    measure() applies them (_apply: SM counts into buffer_config, chunk/stage environment variables), both ops' at
+    once: the handle of each step's non-cached dispatch carries them to all four calls."""
+    from ..layer_comm import HybridComm, LayerLibrary
+
+    def comm_of(d: Knobs, c: Knobs) -> HybridComm:
+        spec = HandleSpec(tuple(int(v) for v in d.values), tuple(int(v) for v in c.values))  # type: ignore[arg-type]
+        return HybridComm(b.buffer, lambda: b._apply(spec), spec.mismatch, b.rank, shape.num_tokens, shape.hidden)
+
+    return LayerLibrary("hybridep", comm_of, lambda s, d, c: layer_candidate_error(b, s, d, c), torch.int64,
+                        jit=True, verify=True, calls=dict(HybridComm.CALLS))
+
+
+def layer_candidate_error(b: HybridBackend, shape: Any, d: Knobs, c: Knobs) -> str | None:
+    """Why a pair cannot run in the layer: HybridEP's rules, the device's SMs (never launch more blocks than SMs),
+    and stages that would not fit shared memory (HybridEP would silently run fewer)."""
+    for op, cfg in (("dispatch", d), ("combine", c)):
+        sms = int(getattr(cfg, SMS))
+        err = (HYBRID.error(op, cfg) or (f"num_sms={sms} exceeds the device's {b.dev.sms} SMs" if sms > b.dev.sms
+                                         else None)
+               or fits(op, cfg, b.num_ranks, shape.workload(), 0))
+        if err:
+            return f"{op} {cfg}: {err}"
+    return None
 
 
 # --- the run's entry points (tune/setup.py create_backend) ----------------------------------------------------

@@ -14,7 +14,8 @@ Kept from V2 (benchmarks/next_gen/API_NOTES.md §1, deep_ep/buffers/elastic.py):
   metadata. recv_topk_idx holds the local expert or -1; recv_topk_weights are passed through unmasked (V2 leaves
   the slots of other ranks' experts unspecified);
 - combine sums the copies of each token in float32 and rounds once to bf16; weights come back from the rank
-  that owns each slot's expert.
+  that owns each slot's expert. Only a combine with async_with_compute_stream=True returns an event that can be
+  waited on (torchtitan's forward combine and sync_combine).
 
 Test hooks (not in V2): FAULTS counts wrong results to produce ("dispatch_row", "duplicate_row" (a token twice,
 row and metadata agreeing), "cached_row", "combine_row";

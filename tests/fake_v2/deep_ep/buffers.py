@@ -26,11 +26,14 @@ def weak_lru(maxsize=128, typed=False):  # deep_ep/utils/semantic.py: cache per 
 
 
 class EventOverlap:
+    """V2 returns an event to wait on only for a call made with async_with_compute_stream=True; waiting on the
+    others is a caller's mistake (asserted, like v1's EventOverlap(None))."""
+
     def __init__(self, event=None):
         self.event = event
 
     def current_stream_wait(self):
-        assert self.event is not None
+        assert self.event is not None, "waited on the event of a call made without async_with_compute_stream"
 
 
 class EPHandle:
@@ -206,7 +209,7 @@ class ElasticBuffer:
         combined_w = None
         if topk_weights is not None:
             combined_w = routes.backward(torch.where(routes.local, topk_weights.float(), 0.0), t)
-        return out.to(torch.bfloat16), combined_w, EventOverlap()
+        return out.to(torch.bfloat16), combined_w, EventOverlap("async" if async_with_compute_stream else None)
 
 
 def _check_x(xs, sf, max_tokens):
