@@ -93,7 +93,9 @@ class KnobSpace:
     backend's (e.g. an SM count the library's model computed on this node).
     probe(op, grid): the config quick mode measures first at one SM count.
     Every op has a knob named num_sms (SMS): the SMs it occupies, which an SM budget and the per-num_sms table use.
-    buffer_needs(dispatch, combine, workload, ep_size): communication-buffer bytes the answer needs, or None."""
+    buffer_needs(dispatch, combine, workload, ep_size): communication-buffer bytes the answer needs, or None.
+    layer_baselines: the baselines the MoE layer check times beside the pick; the first is its speed-up reference
+    (what the library's consumers run untuned)."""
 
     library: str
     knobs: Mapping[str, tuple[str, ...]]
@@ -104,6 +106,7 @@ class KnobSpace:
     fits: Callable[[str, Knobs, int, Any, float], str | None] | None = None
     probe: Callable[[str, list[Knobs]], Knobs] | None = None
     buffer_needs: Callable[[Knobs, Knobs, Any, int], dict[str, int] | None] | None = None
+    layer_baselines: tuple[str, ...] = ()
     notes: Mapping[str, str] = field(default_factory=dict)
 
     def config(self, op: str, *values: Any, **named: Any) -> Knobs:

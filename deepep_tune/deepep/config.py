@@ -151,6 +151,7 @@ V1 = KnobSpace(
     grid=grid,
     error=lambda op, cfg: config_error(cfg.num_sms, cfg.nvl_chunk, cfg.nvl_buffer),
     baselines=baselines,
+    layer_baselines=("deepep_default_20sms", "community_24_8_256"),  # as shipped; the widely pasted config
     fits=fits,
     probe=probe,
     buffer_needs=nvl_bytes_needed,

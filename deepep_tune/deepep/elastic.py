@@ -87,6 +87,7 @@ V2 = KnobSpace(
     grid=grid,
     error=error,
     baselines=baselines,
+    layer_baselines=("v2_model_overlap", "v2_model_no_overlap"),  # torchtitan main; SGLang and vLLM
     notes={"api": "deep_ep.ElasticBuffer.dispatch(..., num_sms=N) / combine(..., num_sms=M) (DeepEP V2, 2.1.0)",
            "prefer_overlap_with_compute": "not searched: intranode it only changes get_theoretical_num_sms; "
                                           "the baselines show the model's answer at both settings"},

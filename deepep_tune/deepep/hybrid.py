@@ -152,6 +152,7 @@ HYBRID = KnobSpace(
     grid=grid,
     error=config_error,
     baselines=baselines,
+    layer_baselines=("hybridep_default", "torchtitan_16sms"),  # as shipped (Megatron); torchtitan's hard-coded SMs
     fits=fits,
     probe=probe,
     notes={"api": "deep_ep.HybridEPBuffer(num_sms_dispatch_api=, num_sms_combine_api=) plus environment "

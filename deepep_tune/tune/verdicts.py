@@ -85,15 +85,16 @@ def final_comparison(meas: Measurer, answer: SmsRow, baselines: list[Baseline], 
                                       "candidate / pick per round (median, p10, p90)", "candidates": out}
 
 
-def layer_candidates(answer: SmsRow, rows: list[SmsRow], baselines: list[Baseline]) -> dict[str, Candidate]:
+def layer_candidates(answer: SmsRow, rows: list[SmsRow], baselines: list[Baseline],
+                     names: tuple[str, ...]) -> dict[str, Candidate]:
+    """The pick, each op's best at a few smaller SM counts, and the library's layer baselines (`names`)."""
     cands = {"pick": (answer.dispatch, answer.combine)}
     for s in (24, 32, 48, 64):
         row = next((r for r in rows if r.num_sms == s), None)
         if row is not None and s != answer.num_sms:
             cands[f"best_at_{s}_sms"] = (row.dispatch, row.combine)
-    for b in baselines:
-        if b.name in ("deepep_default_20sms", "community_24_8_256") and b.skipped is None:
-            cands[b.name] = (b.dispatch, b.combine)
+    by_name = {b.name: b for b in baselines if b.skipped is None}
+    cands.update({n: (by_name[n].dispatch, by_name[n].combine) for n in names if n in by_name})
     return cands
 
 
@@ -101,8 +102,10 @@ def run_layer_check(o: Options, backend: Backend, answer: SmsRow, outcome: SizeO
     shape = layer_shape(o, outcome.workload.num_tokens)
     assert shape is not None, "options_error checks --layer-check's sizes before any rank starts"
     backend.use(outcome.workload)
-    layer = backend.layer_check(shape, layer_candidates(answer, outcome.rows, outcome.baselines),
-                                o.layer_check.layer_rounds, o.measurement.warmup)
+    names = backend.knob_space.layer_baselines
+    cands = layer_candidates(answer, outcome.rows, outcome.baselines, names)
+    layer = backend.layer_check(shape, cands, o.layer_check.layer_rounds, o.measurement.warmup,
+                                reference=next((n for n in names if n in cands), None))
     layer["sizes_from"] = layer_sizes_source(o)
     for sched, table in layer.get("schedules", {}).items():
         timed = {n: v["median_ms"] for n, v in table.items() if v.get("median_ms") is not None}

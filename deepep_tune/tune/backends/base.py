@@ -99,7 +99,8 @@ class Backend(ABC):
         return {"skipped": f"the {self.name} backend moves no tokens"}
 
     def layer_check(self, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
-                    warmup: int) -> dict[str, Any]:
+                    warmup: int, reference: str | None = None) -> dict[str, Any]:
+        """One MoE layer timed with each candidate; speed-ups against `reference` (a candidate's name)."""
         return {"skipped": f"the {self.name} backend runs no MoE layer"}
 
     def close(self) -> None:
@@ -211,11 +212,11 @@ class TokenBackend(Backend):
                                self.flush)
 
     def layer_check(self, shape: Any, candidates: dict[str, tuple[Knobs, Knobs]], rounds: int,
-                    warmup: int) -> dict[str, Any]:
+                    warmup: int, reference: str | None = None) -> dict[str, Any]:
         from ..layer import layer_check
 
         return layer_check(self.buffer, self.make_config, shape, self.rank, self.num_ranks, self.device, candidates,
-                           rounds=rounds, warmup=warmup)
+                           rounds=rounds, warmup=warmup, reference=reference)
 
 
 def buffer_bytes(space: Space, world: int, w: Workload, sms_cap: int) -> int:
