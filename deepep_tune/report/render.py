@@ -116,7 +116,8 @@ def layer_lines(layer: dict[str, Any] | None) -> list[str]:
                  v.get("speedup_vs_reference") and f"{v['speedup_vs_reference']:.3f}x" or "-"]
                 for name, v in table.items()]
         out += ["", f"schedule: {sched}", tabulate(rows, headers=["candidate", "num_sms", "median ms", "p10-p90 ms",
-                                                                  "vs DeepEP as shipped"], tablefmt="simple")]
+                                                                  f"vs {layer.get('reference', 'reference')}"],
+                                                   tablefmt="simple")]
     for f in layer.get("fastest", {}).values():
         out.append(f"[layer] {f['verdict']}")
     if layer.get("note"):
