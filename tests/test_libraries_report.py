@@ -16,8 +16,8 @@ from deepep_tune.record.results import write_json_atomic
 from deepep_tune.report.libraries import main, render
 
 V1 = "results/h200-nvlink/ep2_deepseekv3_full_race_layer/RESULTS_EP2.json"
-V2 = "results/h200-nvlink/v2_deepseekv3_quick/RESULTS_EP2_deepep-v2.json"
-HYB = "results/h200-nvlink/hybridep_deepseekv3_quick/RESULTS_EP2_hybridep.json"
+V2 = "results/h200-nvlink/v2_deepseekv3_quick_layer/RESULTS_EP2_deepep-v2.json"
+HYB = "results/h200-nvlink/hybridep_deepseekv3_quick_layer/RESULTS_EP2_hybridep.json"
 QWEN = "results/h100-nvlink/ep2_qwen3-30b-a3b_full/RESULTS_EP2.json"
 FILLED = ("shape", "library", "hardware", "run")  # left empty where they repeat the row above
 
@@ -81,8 +81,8 @@ def _render(paths):
 def test_cells_are_the_values_in_the_files():
     text = _render([V1, V2, HYB])
     rows = _table(text)
-    for rel, run in ((V1, "ep2_deepseekv3_full_race_layer"), (V2, "v2_deepseekv3_quick"),
-                     (HYB, "hybridep_deepseekv3_quick")):
+    for rel, run in ((V1, "ep2_deepseekv3_full_race_layer"), (V2, "v2_deepseekv3_quick_layer"),
+                     (HYB, "hybridep_deepseekv3_quick_layer")):
         res = _res(rel)
         best, final = res["best"], res["comparison"]["candidates"]
         pick = _row(rows, run, "pick (tuned)")
@@ -108,7 +108,10 @@ def test_cells_are_the_values_in_the_files():
     assert {"deepep_default_20sms", "v2_model_overlap", "v2_model_no_overlap", "hybridep_default",
             "torchtitan_16sms"} <= names
     # the HybridEP pick runs different SM counts per op: dispatch first, combine second
-    assert _row(rows, "hybridep_deepseekv3_quick", "pick (tuned)")["SMs d/c"] == "24/48"
+    best = _res(HYB)["best"]
+    assert best["dispatch"]["num_sms"] != best["combine"]["num_sms"]
+    assert _row(rows, "hybridep_deepseekv3_quick_layer", "pick (tuned)")["SMs d/c"] == \
+        f"{best['dispatch']['num_sms']}/{best['combine']['num_sms']}"
 
 
 def test_a_compared_pick_has_only_final_comparison_cells():
@@ -125,8 +128,8 @@ def test_each_library_labelled_with_its_version_and_hardware():
     libs = {r["run"].split("/")[-1]: (r["library"], r["hardware"]) for r in rows}
     assert libs["ep2_deepseekv3_full_race_layer"] == ("DeepEP v1 @ tokenspeed-deepep 1.2.1.post20251110",
                                                       "NVIDIA H200 x2")
-    assert libs["v2_deepseekv3_quick"][0] == "DeepEP V2 @ deep_ep 2.1.0 (V2 ElasticBuffer, commit dd758ca)"
-    assert libs["hybridep_deepseekv3_quick"][0] == "HybridEP @ hybrid-ep 94a9f8f"
+    assert libs["v2_deepseekv3_quick_layer"][0] == "DeepEP V2 @ deep_ep 2.1.0 (V2 ElasticBuffer, commit dd758ca)"
+    assert libs["hybridep_deepseekv3_quick_layer"][0] == "HybridEP @ hybrid-ep 94a9f8f"
     for rel in (V1, V2, HYB):  # the full version string (with where it was loaded from) in the legend
         assert _res(rel)["software"]["deep_ep"] in text
 
@@ -146,18 +149,19 @@ def test_rows_grouped_by_shape_then_library(tmp_path):
     for r in rows:
         by_shape.setdefault(r["shape"], []).append(r["run"].split("/")[-1])
     assert set(by_shape["DeepSeek-V3 h7168 top8/256e T4096 bf16 EP2 train"]) == {
-        "ep2_deepseekv3_full_race_layer", "v2_deepseekv3_quick", "hybridep_deepseekv3_quick"}
+        "ep2_deepseekv3_full_race_layer", "v2_deepseekv3_quick_layer", "hybridep_deepseekv3_quick_layer"}
     assert set(by_shape["DeepSeek-V3 h7168 top8/256e T8192 bf16 EP2 train"]) == {"v2_8192"}
     assert set(by_shape["Qwen3-30B-A3B h2048 top8/128e T4096 bf16 EP2 train"]) == {"ep2_qwen3-30b-a3b_full"}
     runs = by_shape["DeepSeek-V3 h7168 top8/256e T4096 bf16 EP2 train"]
     firsts = list(dict.fromkeys(runs))  # within a shape: v1, then V2, then HybridEP, whatever the argument order
-    assert firsts == ["ep2_deepseekv3_full_race_layer", "v2_deepseekv3_quick", "hybridep_deepseekv3_quick"]
+    assert firsts == ["ep2_deepseekv3_full_race_layer", "v2_deepseekv3_quick_layer", "hybridep_deepseekv3_quick_layer"]
 
 
 def test_layer_check_cells_and_the_reason_when_skipped(tmp_path):
     skipped = _copy(tmp_path, HYB, "hyb_layer_skipped", lambda r: r.update(
         layer_check={"skipped": "the MoE layer check drives deep_ep.Buffer's API"}))
-    text = _render([V1, V2, skipped])
+    no_layer = _copy(tmp_path, V2, "v2_no_layer", lambda r: r.update(layer_check=None))
+    text = _render([V1, no_layer, skipped])
     rows, notes = _table(text), _notes(text)
     layer = _res(V1)["layer_check"]
     assert list(layer["schedules"]) == ["sequential", "overlap", "forward_only"]
@@ -171,7 +175,7 @@ def test_layer_check_cells_and_the_reason_when_skipped(tmp_path):
     cell = _row(rows, "ep2_deepseekv3_full_race_layer", "deepep_default")["layer sequential ms (x ref)"]
     assert cell.startswith("- [") and "not among the layer check candidates" in notes[cell[2:]]
     # V2: layer_check null (tuned without --layer-check); the copy: skipped, with its reason
-    v2 = _row(rows, "v2_deepseekv3_quick", "pick (tuned)")["layer overlap ms (x ref)"]
+    v2 = _row(rows, "v2_no_layer", "pick (tuned)")["layer overlap ms (x ref)"]
     assert v2.startswith("- [") and "without --layer-check" in notes[v2[2:]]
     hyb = _row(rows, "hyb_layer_skipped", "pick (tuned)")
     for sched in layer["schedules"]:
@@ -187,6 +191,7 @@ def test_a_missing_value_is_a_dash_never_a_number(tmp_path):
         for k in ("dispatch_us", "combine_us", "total_us", "speedup"):
             b.pop(k)
         b["skipped"] = "did not fit"
+        r["layer_check"] = None
     path = _copy(tmp_path, HYB, "hyb_nocmp", edit)
     text = _render([path])
     rows, notes = _table(text), _notes(text)
