@@ -11,7 +11,7 @@ from _helpers import ROOT
 from deepep_tune.report.render import optimal_configs_markdown
 
 V1 = "results/h200-nvlink/ep2_deepseekv3_full_norace/RESULTS_EP2.json"
-V2 = "results/h200-nvlink/v2_deepseekv3_quick/RESULTS_EP2_deepep-v2.json"
+V2 = "results/h200-nvlink/v2_deepseekv3_quick_layer/RESULTS_EP2_deepep-v2.json"
 COLOCATED = "results/h100-colocated/ep2_deepseekv3_full/RESULTS_EP2_colocated.json"
 
 
