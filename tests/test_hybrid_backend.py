@@ -184,7 +184,9 @@ def test_new_configs_are_warm_before_timed_calls(reports):
         warm = r["describe"]["hybridep_post_compile_warmup_s"]
         assert warm["dispatch (32, 64, 14)"] >= 3 * 0.25
         assert set(warm) == set(r["describe"]["hybridep_first_call_s"])  # once per new config, no more
-        assert r["describe"]["hybridep_first_call_total"]["post_compile_warmup_s"] >= 0.75
+        # the total is the sum of the configs' warm-ups (on the H200 pair each took ~3 ms, and a running total
+        # rounded to 10 ms at each step stayed at 0)
+        assert r["describe"]["hybridep_first_call_total"]["post_compile_warmup_s"] == round(sum(warm.values()), 3)
         assert r["cold_again"]["max_us"] < 0.25e6
 
 
