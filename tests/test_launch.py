@@ -1,6 +1,8 @@
 """The relaunch decision (launch.decide) is a pure function of torchrun's exit status, the log the ranks left,
 the GPU-busy marker, the launcher's own interrupt flag and the relaunch history: one test per branch."""
 
+import sys
+
 import pytest
 
 from deepep_tune.record.log import LogContents
@@ -74,3 +76,42 @@ def test_relaunches_are_bounded():
     assert d.action == "stop" and "gave up after 10" in d.message
     d = decide(1, log(9, dangling=1), False, False, History(relaunches=9, progress=5), 10, HINT)
     assert d.action == "relaunch" and d.history.relaunches == 10
+
+
+def test_local_ranks_stop_the_peers_of_a_failed_rank(monkeypatch):
+    """As torchrun: one rank's failure ends the others (a peer would wait in its next collective forever), and the
+    exit code is the failed rank's. Each rank gets torchrun's variables."""
+    import signal as _signal
+    import time as _time
+
+    from deepep_tune.tune import launch
+
+    script = ("import os, sys, time\n"
+              "assert os.environ['WORLD_SIZE'] == '3' and os.environ['MASTER_ADDR'] == '127.0.0.1'\n"
+              "sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(120)\n")
+    monkeypatch.setattr(launch, "rank_cmd", lambda args: [sys.executable, "-c", script])
+    monkeypatch.setattr(launch.LocalRanks, "GRACE_S", 2.0)
+    ranks = launch.LocalRanks()
+    try:
+        t0 = _time.time()
+        assert ranks.run(3, []) == 3
+        assert _time.time() - t0 < 30
+        assert all(p.returncode is not None for p in ranks.procs)
+        assert sorted(p.returncode for p in ranks.procs) == [-_signal.SIGTERM, -_signal.SIGTERM, 3]
+    finally:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+
+
+def test_local_ranks_all_succeed(monkeypatch):
+    from deepep_tune.tune import launch
+
+    monkeypatch.setattr(launch, "rank_cmd", lambda args: [sys.executable, "-c", "import os; assert os.environ['LOCAL_RANK']"])
+    ranks = launch.LocalRanks()
+    try:
+        assert ranks.run(2, []) == 0
+    finally:
+        import signal as _signal
+
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)

@@ -217,7 +217,7 @@ class LocalRanks:
     def _wait(self) -> int:
         failed: int | None = None
         deadline = None
-        while any(p.poll() is None for p in self.procs):
+        while [p.poll() for p in self.procs].count(None):  # poll every rank (any() would stop at the first alive)
             if failed is None:
                 failed = next((p.returncode for p in self.procs if p.returncode not in (None, 0)), None)
                 if failed is not None:  # a peer of a dead rank would wait in its next collective forever
