@@ -59,6 +59,7 @@ from .verdict import (  # noqa: F401
     UNCONFIRMED,
     AuditLifecycle,
     Verdict,
+    other_sizes_note,
 )
 
 AUDIT_ENV = "DEEPEP_TUNE_AUDIT"
@@ -169,7 +170,7 @@ def verdict(records: Iterable[CallRecord], tuned: Optional[TunedResults]) -> Ver
 
     ep = tuned.ep_size
     mine = [r for r in records if r.group_size == ep]
-    other_note = _other_groups_note(records, ep)
+    other_note = other_sizes_note(((r.group_size, r.count) for r in records), ep, "groups")
     if not mine:
         return Verdict(NO_CALLS, f"{PREFIX}no dispatch/combine calls on a {ep}-rank group seen; tuned config not "
                                  f"exercised{other_note}")
@@ -186,15 +187,6 @@ def verdict(records: Iterable[CallRecord], tuned: Optional[TunedResults]) -> Ver
         return Verdict(IN_EFFECT, _in_effect_line(mine, tuned, other_note))
     line = f"{PREFIX}{head} for ep{ep}: " + "; ".join(parts.values()) + other_note
     return Verdict(status, line, parts)
-
-
-def _other_groups_note(records: list[CallRecord], ep: int) -> str:
-    """Calls on groups of another size are not judged, but are mentioned so they are not silently dropped."""
-    others = collections.Counter()
-    for r in records:
-        if r.group_size != ep:
-            others[r.group_size] += r.count
-    return "".join(f" (+{n} calls on {g}-rank groups, not ep{ep})" for g, n in sorted(others.items()))
 
 
 def _completed_by_op(mine: list[CallRecord]) -> dict[str, list[CallRecord]]:

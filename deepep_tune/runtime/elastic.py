@@ -56,6 +56,7 @@ from .verdict import (  # noqa: F401
     UNCONFIRMED,
     AuditLifecycle,
     Verdict,
+    other_sizes_note,
 )
 
 LIBRARY = "deepep-v2"
@@ -449,11 +450,7 @@ def verdict(records: Iterable[tuple[CallRecord, int]], tuned: Optional[tuple[int
         return Verdict(NO_RESULTS, f"{PREFIX}{LIBRARY}: no tuned results to compare; seen: {seen}")
     ep, want = tuned
     mine = [(r, n) for r, n in records if r.num_ranks == ep]
-    others = collections.Counter()
-    for r, n in records:
-        if r.num_ranks != ep:
-            others[r.num_ranks] += n
-    other_note = "".join(f" (+{n} calls on {g}-rank buffers, not ep{ep})" for g, n in sorted(others.items()))
+    other_note = other_sizes_note(((r.num_ranks, n) for r, n in records), ep, "buffers")
     if not mine:
         return Verdict(NO_CALLS, f"{PREFIX}{LIBRARY}: no dispatch/combine calls on a {ep}-rank buffer seen; tuned "
                                  f"SMs not exercised{other_note}")

@@ -65,6 +65,7 @@ from .elastic import (
     mark,
     unwrap,
 )
+from .verdict import other_sizes_note
 
 LIBRARY = "hybridep"
 APPLY_ENV = "DEEPEP_TUNE_APPLY"
@@ -454,11 +455,7 @@ def verdict(records: list[tuple[CallRecord, int]], tuned: Optional[tuple[int, Ma
         return Verdict(NO_RESULTS, f"{PREFIX}{LIBRARY}: no tuned results to compare; seen: {text}")
     ep, want = tuned
     mine = [(r, n) for r, n in records if r.group_size == ep]
-    others = collections.Counter()
-    for r, n in records:
-        if r.group_size != ep:
-            others[r.group_size] += n
-    other_note = "".join(f" (+{n} calls on {g}-rank buffers, not ep{ep})" for g, n in sorted(others.items()))
+    other_note = other_sizes_note(((r.group_size, n) for r, n in records), ep, "buffers")
     if not mine:
         return Verdict(NO_CALLS, f"{PREFIX}{LIBRARY}: no dispatch/combine calls on a {ep}-rank buffer seen; tuned "
                                  f"answer not exercised{other_note}")

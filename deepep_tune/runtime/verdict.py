@@ -3,9 +3,10 @@ runtime/hybrid.py for V2 and HybridEP): a status, one line to print, and the par
 
 from __future__ import annotations
 
+import collections
 import sys
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 PREFIX = "deepep-tune audit: "
 IN_EFFECT, NOT_IN_EFFECT, UNCONFIRMED, NO_CALLS, NO_RESULTS = (
@@ -23,6 +24,16 @@ class Verdict:
     @property
     def in_effect(self) -> bool:
         return self.status == IN_EFFECT
+
+
+def other_sizes_note(calls: Iterable[tuple[int, int]], ep: int, noun: str) -> str:
+    """Calls (group size, count) on groups of another size than ep are not judged, but are mentioned so they are not
+    silently dropped."""
+    others: collections.Counter[int] = collections.Counter()
+    for size, n in calls:
+        if size != ep:
+            others[size] += n
+    return "".join(f" (+{n} calls on {g}-rank {noun}, not ep{ep})" for g, n in sorted(others.items()))
 
 
 class AuditLifecycle:
