@@ -66,6 +66,12 @@ def measurement_record(op: str, cfg: Knobs, tag: dict[str, Any], red: Reduced | 
     return rec
 
 
+def short_iterations(short: dict[str, Any]) -> int:
+    """Iterations a short pass kept in its record (0 for a log from before continuations existed)."""
+    samples = short.get("samples_us")
+    return len(next(iter(samples.values()))) if samples else 0
+
+
 def new_iterations(rec: dict[str, Any]) -> int:
     """Iterations a record's measurement ran itself (a continuation's iters include the pass it extends)."""
     return int(rec.get("iters") or 0) - int((rec.get("extends") or {}).get("iters", 0))
@@ -138,12 +144,10 @@ class Measurer:
     def _extend(self, op: str, cfg: Knobs, short: dict[str, Any], warmup: int) -> dict[str, Any]:
         """The rest of the full count after a short pass, its time taken over both passes' iterations (a log from
         before continuations existed keeps no iterations: then a whole full pass)."""
-        samples = short.get("samples_us")
-        done = len(next(iter(samples.values()))) if samples else 0
+        done = short_iterations(short)
         if not done or done >= self.settings.iters:
             return self._take(op, cfg, "search", self.settings.iters)
-        return self._take(op, cfg, "search", self.settings.iters - done, warmup,
-                          extends=({"seq": int(short["seq"]), "iters": done}, samples))
+        return self._take(op, cfg, "search", self.settings.iters - done, warmup, short)
 
     def remeasure(self, op: str, cfg: Knobs) -> float:
         self.promote(op, cfg)  # a short pass never averages with full ones
@@ -173,7 +177,7 @@ class Measurer:
         return float(rec["time_us"]) if rec.get("status") == "ok" and rec.get("time_us") is not None else math.inf
 
     def _take(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int | None = None,
-              extends: tuple[dict[str, int], dict[str, list[float]]] | None = None) -> dict[str, Any]:
+              short: dict[str, Any] | None = None) -> dict[str, Any]:
         key = (op, cfg)
         n = self.requests[key]
         self.requests[key] += 1
@@ -182,7 +186,7 @@ class Measurer:
             self.reused += 1
             self.backend.reused(op, cfg, new_iterations(rec))
         else:
-            rec = self._run(op, cfg, role, iters, self.settings.warmup if warmup is None else warmup, extends)
+            rec = self._run(op, cfg, role, iters, self.settings.warmup if warmup is None else warmup, short)
         self.records.append(rec)
         if role in ("search", "remeasure"):
             self.obs[key].append(self._value(rec))
@@ -197,7 +201,8 @@ class Measurer:
             self.log.write(rec)
 
     def _run(self, op: str, cfg: Knobs, role: str, iters: int, warmup: int,
-             extends: tuple[dict[str, int], dict[str, list[float]]] | None = None) -> dict[str, Any]:
+             short: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One measurement; with `short`, the continuation of that short pass's record."""
         if self.workload is not None:
             self.backend.use(self.workload)
         seq = next(self.seq)
@@ -228,11 +233,11 @@ class Measurer:
             status = "error" if any(s == "error" for _, s, _ in failed) else "wrong"
             error = "; ".join(f"rank {r}: {e}" for r, _, e in failed)
             lost = any(x[2] for x in errors)
-        if extends is not None and status == "ok":
-            red = red.after(extends[1])
-            iters += extends[0]["iters"]
-        rec = measurement_record(op, cfg, self.tag, red, iters, status, error, role, seq,
-                                 extends[0] if extends is not None and status == "ok" else None)
+        extends = None
+        if short is not None and status == "ok":
+            extends = {"seq": int(short["seq"]), "iters": short_iterations(short)}
+            red, iters = red.after(short["samples_us"]), iters + extends["iters"]
+        rec = measurement_record(op, cfg, self.tag, red, iters, status, error, role, seq, extends)
         self._write(rec)
         if lost:
             raise ContextLost(f"{op} at {cfg} left the GPU unusable ({error}); restart with --resume")
