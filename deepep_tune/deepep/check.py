@@ -69,10 +69,14 @@ def _rows_ok(recv_x: torch.Tensor, recv_scales: torch.Tensor | None, want: torch
     """[num_recv] bool: each received row carries its token's value in every column."""
     if recv_scales is None:
         return (recv_x.float() == want[:, None]).all(dim=1) if recv_x.dtype != torch.bfloat16 or not _bf16_exact(want) \
-            else (recv_x == want.to(torch.bfloat16)[:, None]).all(dim=1)
+            else (recv_x == _bf16(want)[:, None]).all(dim=1)
     n, groups = recv_x.shape[0], recv_scales.shape[1]
     deq = recv_x.reshape(n, groups, -1).float().mul_(recv_scales.float()[:, :, None])  # one temporary, scaled in place
     return deq.sub_(want[:, None, None]).abs_().le_(1e-3 * want.abs()[:, None, None]).flatten(1).all(dim=1)
+
+
+def _bf16(want: torch.Tensor) -> torch.Tensor:
+    return _cached(want, "bf16", lambda: want.to(torch.bfloat16))
 
 
 def _bf16_exact(want: torch.Tensor) -> bool:
@@ -105,7 +109,7 @@ def check_combine(
     want = _cached(own_values, f"combined:{dev}",
                    lambda: (own_values.float() * exp.copies.float()).to(torch.bfloat16).float().to(dev))
     rows = (combined_x.float() == want[:, None]) if combined_x.dtype != torch.bfloat16 \
-        else (combined_x == want.to(torch.bfloat16)[:, None])
+        else (combined_x == _bf16(want)[:, None])
     flags = [rows.all()]
     if combined_weights is not None:
         if combined_weights.shape != own_weights.shape:
