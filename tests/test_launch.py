@@ -1,6 +1,7 @@
 """The relaunch decision (launch.decide) is a pure function of torchrun's exit status, the log the ranks left,
 the GPU-busy marker, the launcher's own interrupt flag and the relaunch history: one test per branch."""
 
+import os
 import sys
 
 import pytest
@@ -115,3 +116,35 @@ def test_local_ranks_all_succeed(monkeypatch):
 
         _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+
+
+def test_ranks_get_a_bytecode_cache_only_where_torch_holds_none(monkeypatch, tmp_path):
+    """A read-only torch install without __pycache__ recompiles its modules in every rank at every start: only
+    there do the ranks get PYTHONPYCACHEPREFIX."""
+    import importlib.util
+    import signal as _signal
+    import types
+
+    from deepep_tune.tune import launch
+
+    pkg = tmp_path / "torch"
+    pkg.mkdir()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(submodule_search_locations=[str(pkg)]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    assert launch.bytecode_cache() is None  # writable: torch's own caches serve
+    writable = {str(pkg): False}
+    monkeypatch.setattr(os, "access", lambda path, mode: writable.get(str(path), True))  # as for a read-only venv
+    want = str(tmp_path / "cache" / "deepep-tune" / "pycache")
+    assert launch.bytecode_cache() == want
+    script = f"import os, sys; sys.exit(0 if os.environ.get('PYTHONPYCACHEPREFIX') == {want!r} else 5)"
+    monkeypatch.setattr(launch, "rank_cmd", lambda args: [sys.executable, "-c", script])
+    ranks = launch.LocalRanks()
+    try:
+        assert ranks.run(2, []) == 0
+    finally:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    (pkg / "__pycache__").mkdir()
+    assert launch.bytecode_cache() is None  # compiled bytecode is there

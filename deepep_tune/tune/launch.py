@@ -153,9 +153,6 @@ def rank_env(rank: int, world: int, port: int, base: dict[str, str] | None = Non
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each start a thread per core
-    cache = bytecode_cache()
-    if cache:
-        env.setdefault("PYTHONPYCACHEPREFIX", cache)
     return env
 
 
@@ -201,8 +198,11 @@ class LocalRanks:
         print(f"[run] {world} ranks (torchrun's environment, port {port}): " + " ".join(cmd), file=sys.stderr,
               flush=True)
         self.procs, self.relays = [], []
+        base, cache = dict(os.environ), bytecode_cache()
+        if cache:
+            base.setdefault("PYTHONPYCACHEPREFIX", cache)
         for r in range(world):
-            p = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=rank_env(r, world, port))
+            p = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=rank_env(r, world, port, base))
             assert p.stderr is not None
             relay = StderrRelay(os.dup(p.stderr.fileno()))
             p.stderr.close()
